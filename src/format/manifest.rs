@@ -1,0 +1,253 @@
+//! The manifest file: a 16-byte header and a postcard body, written once.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode_exact, fixed, from_ms, meta, to_ms};
+use crate::error::{Corruption, Error, ErrorKind, Result};
+use crate::transfer::{Header, Kind, Manifest, PayloadFacts, Request, RetryPolicy, TransferId};
+
+pub(crate) const MAGIC: [u8; 4] = *b"WBMF";
+pub(crate) const VERSION: u16 = 1;
+/// Header: magic (4), version (2), reserved (2), body length (4), CRC-32 of the body (4).
+pub(crate) const HEADER_LEN: usize = 16;
+const VERSION_AT: usize = 4;
+const LEN_AT: usize = 8;
+const CRC_AT: usize = 12;
+/// The largest manifest body accepted, written or read.
+pub(crate) const MAX_BODY: usize = 256 * 1024;
+/// The largest manifest file accepted.
+pub(crate) const MAX_FILE: u64 = (HEADER_LEN + MAX_BODY) as u64;
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RequestV1 {
+    pub method: String,
+    pub url: String,
+    /// `(name, value)`; `None` marks a secret header whose value is not stored.
+    pub headers: Vec<(String, Option<String>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum PayloadV1 {
+    None,
+    Written {
+        len: u64,
+    },
+    Copied {
+        len: u64,
+    },
+    Linked {
+        len: u64,
+        dev: u64,
+        ino: u64,
+        mtime_ns: i128,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum KindV1 {
+    Upload,
+    Download,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestV1 {
+    id: [u8; 16],
+    kind: KindV1,
+    session: String,
+    request: RequestV1,
+    group: Option<String>,
+    created_ms: u64,
+    deadline_ms: Option<u64>,
+    max_attempts: u32,
+    initial_backoff_ms: u64,
+    max_backoff_ms: u64,
+    payload: PayloadV1,
+    idempotency_key: String,
+    metadata: Vec<u8>,
+}
+
+impl RequestV1 {
+    pub(crate) fn from_request(r: &Request) -> Self {
+        RequestV1 {
+            method: r.method.clone(),
+            url: r.url.clone(),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| (h.name.clone(), (!h.secret).then(|| h.value.clone())))
+                .collect(),
+        }
+    }
+
+    pub(crate) fn into_request(self) -> Request {
+        Request {
+            method: self.method,
+            url: self.url,
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(name, value)| Header {
+                    name,
+                    secret: value.is_none(),
+                    value: value.unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Encodes a manifest file: header and body.
+pub(crate) fn encode(m: &Manifest) -> Result<Vec<u8>> {
+    let metadata = meta::encode(&m.metadata).map_err(Error::invalid)?;
+    let v = ManifestV1 {
+        id: *m.id.as_bytes(),
+        kind: match m.kind {
+            Kind::Upload => KindV1::Upload,
+            Kind::Download => KindV1::Download,
+        },
+        session: m.session.clone(),
+        request: RequestV1::from_request(&m.request),
+        group: m.group.clone(),
+        created_ms: to_ms(m.created),
+        deadline_ms: m.deadline.map(to_ms),
+        max_attempts: m.retry.max_attempts,
+        initial_backoff_ms: ms(m.retry.initial_backoff),
+        max_backoff_ms: ms(m.retry.max_backoff),
+        payload: match m.payload {
+            PayloadFacts::None => PayloadV1::None,
+            PayloadFacts::Written { len } => PayloadV1::Written { len },
+            PayloadFacts::Copied { len } => PayloadV1::Copied { len },
+            PayloadFacts::Linked {
+                len,
+                dev,
+                ino,
+                mtime_ns,
+            } => PayloadV1::Linked {
+                len,
+                dev,
+                ino,
+                mtime_ns,
+            },
+        },
+        idempotency_key: m.idempotency_key.clone(),
+        metadata,
+    };
+    let body = postcard::to_allocvec(&v)
+        .map_err(|e| Error::invalid(format!("manifest does not encode: {e}")))?;
+    if body.len() > MAX_BODY {
+        return Err(Error::invalid(format!(
+            "the manifest would be {} bytes; the limit is {MAX_BODY}",
+            body.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes a whole manifest file. `path` is only used in errors.
+pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Manifest> {
+    let corrupt = |detail| Err(Error::corrupt(path, detail));
+    let magic = fixed::<4>(bytes, 0);
+    if magic != MAGIC {
+        return corrupt(Corruption::BadMagic {
+            expected: MAGIC,
+            found: magic,
+        });
+    }
+    if bytes.len() < HEADER_LEN {
+        return corrupt(Corruption::Truncated {
+            needed: HEADER_LEN as u64,
+            found: bytes.len() as u64,
+        });
+    }
+    let version = u16::from_le_bytes(fixed::<2>(bytes, VERSION_AT));
+    let len = u32::from_le_bytes(fixed::<4>(bytes, LEN_AT)) as usize;
+    let stored = u32::from_le_bytes(fixed::<4>(bytes, CRC_AT));
+    if len > MAX_BODY {
+        return corrupt(Corruption::Length {
+            slot: None,
+            found: len as u64,
+            max: MAX_BODY as u64,
+        });
+    }
+    let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return corrupt(Corruption::Truncated {
+            needed: (HEADER_LEN + len) as u64,
+            found: bytes.len() as u64,
+        });
+    };
+    if bytes.len() != HEADER_LEN + len {
+        return corrupt(Corruption::Length {
+            slot: None,
+            found: bytes.len() as u64,
+            max: (HEADER_LEN + len) as u64,
+        });
+    }
+    let computed = crc32fast::hash(body);
+    if computed != stored {
+        return corrupt(Corruption::Checksum {
+            slot: None,
+            expected: stored,
+            found: computed,
+        });
+    }
+    if version != VERSION {
+        return Err(ErrorKind::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: VERSION,
+        }
+        .into());
+    }
+    let decode_err =
+        |reason: String| Error::corrupt(path, Corruption::Decode { slot: None, reason });
+    let v: ManifestV1 = decode_exact(body).map_err(decode_err)?;
+    let metadata = meta::decode(&v.metadata).map_err(decode_err)?;
+    Ok(Manifest {
+        id: TransferId::from_bytes(v.id),
+        kind: match v.kind {
+            KindV1::Upload => Kind::Upload,
+            KindV1::Download => Kind::Download,
+        },
+        session: v.session,
+        request: v.request.into_request(),
+        group: v.group,
+        created: from_ms(v.created_ms),
+        deadline: v.deadline_ms.map(from_ms),
+        retry: RetryPolicy {
+            max_attempts: v.max_attempts,
+            initial_backoff: std::time::Duration::from_millis(v.initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(v.max_backoff_ms),
+        },
+        payload: match v.payload {
+            PayloadV1::None => PayloadFacts::None,
+            PayloadV1::Written { len } => PayloadFacts::Written { len },
+            PayloadV1::Copied { len } => PayloadFacts::Copied { len },
+            PayloadV1::Linked {
+                len,
+                dev,
+                ino,
+                mtime_ns,
+            } => PayloadFacts::Linked {
+                len,
+                dev,
+                ino,
+                mtime_ns,
+            },
+        },
+        idempotency_key: v.idempotency_key,
+        metadata,
+    })
+}

@@ -1,0 +1,457 @@
+//! Every file system primitive the store uses: no-follow opens, bounded reads, owner-only
+//! creation, data and directory syncs, rename, link-or-copy, bounded-wait locks.
+//!
+//! A failed sync poisons the [`Fs`]: data may be gone even if a later sync succeeds, so every
+//! later operation fails until the store is reopened.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[cfg(unix)]
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+
+use crate::error::{Corruption, Error, ErrorKind, Result};
+
+/// Mode of files the library creates.
+pub(crate) const FILE_MODE: u32 = 0o600;
+/// Mode of directories the library creates.
+pub(crate) const DIR_MODE: u32 = 0o700;
+
+/// The file system seam, with the store's poison flag.
+#[derive(Debug, Default)]
+pub(crate) struct Fs {
+    poisoned: Mutex<Option<String>>,
+}
+
+/// What a directory listing found, without following links.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub name: std::ffi::OsString,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+}
+
+/// How a payload came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    Linked,
+    Copied,
+}
+
+fn nofollow(o: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    {
+        o.custom_flags(libc::O_NOFOLLOW);
+    }
+    o
+}
+
+/// True for errors that mean "this file system will not hard-link these two paths".
+fn link_refused(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EXDEV | libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP | libc::EACCES)
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        true
+    }
+}
+
+/// Maps ELOOP from a no-follow open to a typed "symlink in the store" corruption.
+fn open_error(op: &'static str, path: &Path, e: io::Error) -> Error {
+    #[cfg(unix)]
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return Error::corrupt(
+            path,
+            Corruption::WrongType {
+                found: "symbolic link".into(),
+            },
+        );
+    }
+    Error::io(op, path, e)
+}
+
+impl Fs {
+    /// Fails if an earlier sync failed.
+    pub(crate) fn check(&self) -> Result<()> {
+        let g = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
+        match &*g {
+            Some(cause) => Err(ErrorKind::Poisoned {
+                cause: cause.clone(),
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, err: &Error) {
+        let mut g = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            tracing::error!(error = %err, "sync failed; the store is poisoned until reopened");
+            *g = Some(err.to_string());
+        }
+    }
+
+    /// Syncs a file's data (and the metadata needed to read it back). Poisons on failure.
+    pub(crate) fn sync_data(&self, f: &File, path: &Path) -> Result<()> {
+        f.sync_data().map_err(|e| {
+            let err = Error::io("sync", path, e);
+            self.poison(&err);
+            err
+        })
+    }
+
+    /// Syncs a directory so that entries created, renamed or removed in it persist.
+    pub(crate) fn sync_dir(&self, dir: &Path) -> Result<()> {
+        let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
+        d.sync_all().map_err(|e| {
+            let err = Error::io("sync directory", dir, e);
+            self.poison(&err);
+            err
+        })
+    }
+
+    /// Opens an existing file for reading, never through a symlink.
+    pub(crate) fn open_read(&self, path: &Path) -> Result<File> {
+        nofollow(OpenOptions::new().read(true))
+            .open(path)
+            .map_err(|e| open_error("open", path, e))
+    }
+
+    /// Opens an existing file for reading and writing, never through a symlink.
+    pub(crate) fn open_rw(&self, path: &Path) -> Result<File> {
+        nofollow(OpenOptions::new().read(true).write(true))
+            .open(path)
+            .map_err(|e| open_error("open", path, e))
+    }
+
+    /// Opens (creating owner-only if missing) a file for reading and writing, never through a
+    /// symlink. Returns whether it was created.
+    pub(crate) fn open_or_create(&self, path: &Path) -> Result<(File, bool)> {
+        match self.create_new(path) {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(eexist()) => Ok((self.open_rw(path)?, false)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a new owner-only file; fails if anything exists at `path`.
+    pub(crate) fn create_new(&self, path: &Path) -> Result<File> {
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        o.mode(FILE_MODE);
+        nofollow(&mut o)
+            .open(path)
+            .map_err(|e| open_error("create", path, e))
+    }
+
+    /// Creates or truncates an owner-only file, never through a symlink.
+    pub(crate) fn create_truncate(&self, path: &Path) -> Result<File> {
+        let mut o = OpenOptions::new();
+        o.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        o.mode(FILE_MODE);
+        nofollow(&mut o)
+            .open(path)
+            .map_err(|e| open_error("create", path, e))
+    }
+
+    /// Reads a whole file of at most `max` bytes, checking the size before allocating.
+    pub(crate) fn read_bounded(&self, path: &Path, max: u64) -> Result<Vec<u8>> {
+        let mut f = self.open_read(path)?;
+        let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+        if !meta.is_file() {
+            return Err(Error::corrupt(
+                path,
+                Corruption::WrongType {
+                    found: "not a regular file".into(),
+                },
+            ));
+        }
+        if meta.len() > max {
+            return Err(Error::corrupt(
+                path,
+                Corruption::Length {
+                    slot: None,
+                    found: meta.len(),
+                    max,
+                },
+            ));
+        }
+        let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        (&mut f)
+            .take(max)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io("read", path, e))?;
+        Ok(buf)
+    }
+
+    /// Reads up to `max` bytes from the start of an open file.
+    pub(crate) fn read_prefix(&self, f: &File, path: &Path, max: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        let r = f;
+        r.take(max)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io("read", path, e))?;
+        Ok(buf)
+    }
+
+    /// Writes all of `bytes` at `offset`.
+    pub(crate) fn write_at(&self, f: &File, path: &Path, offset: u64, bytes: &[u8]) -> Result<()> {
+        #[cfg(unix)]
+        {
+            f.write_all_at(bytes, offset)
+                .map_err(|e| Error::io("write", path, e))
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut w = f;
+            w.seek(SeekFrom::Start(offset))
+                .and_then(|_| w.write_all(bytes))
+                .map_err(|e| Error::io("write", path, e))
+        }
+    }
+
+    /// Writes all of `bytes` at the current position.
+    pub(crate) fn write_all(&self, mut f: &File, path: &Path, bytes: &[u8]) -> Result<()> {
+        f.write_all(bytes).map_err(|e| Error::io("write", path, e))
+    }
+
+    /// Sets a file's length.
+    pub(crate) fn set_len(&self, f: &File, path: &Path, len: u64) -> Result<()> {
+        f.set_len(len).map_err(|e| Error::io("truncate", path, e))
+    }
+
+    /// Creates an owner-only directory. Returns false if it already existed as a directory.
+    pub(crate) fn create_dir(&self, path: &Path) -> Result<bool> {
+        let mut b = fs::DirBuilder::new();
+        #[cfg(unix)]
+        b.mode(DIR_MODE);
+        match b.create(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let m = self.lstat(path)?;
+                if m.is_dir() {
+                    Ok(false)
+                } else {
+                    Err(Error::corrupt(
+                        path,
+                        Corruption::WrongType {
+                            found: "not a directory".into(),
+                        },
+                    ))
+                }
+            }
+            Err(e) => Err(Error::io("create directory", path, e)),
+        }
+    }
+
+    /// Metadata of `path` itself (a symlink is not followed).
+    pub(crate) fn lstat(&self, path: &Path) -> Result<fs::Metadata> {
+        fs::symlink_metadata(path).map_err(|e| Error::io("stat", path, e))
+    }
+
+    /// Renames `from` to `to` (atomically replacing a file at `to`).
+    pub(crate) fn rename(&self, from: &Path, to: &Path) -> Result<()> {
+        fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
+    }
+
+    /// Removes a file; a missing file is not an error.
+    pub(crate) fn remove_file(&self, path: &Path) -> Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a directory tree without following symlinks; a missing tree is not an error.
+    pub(crate) fn remove_tree(&self, path: &Path) -> Result<()> {
+        let is_dir = match fs::symlink_metadata(path) {
+            Ok(m) => m.is_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("stat", path, e)),
+        };
+        let r = if is_dir {
+            fs::remove_dir_all(path)
+        } else {
+            fs::remove_file(path)
+        };
+        match r {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lists a directory without following links. A missing directory lists as empty.
+    pub(crate) fn list(&self, dir: &Path) -> Result<Vec<Entry>> {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list directory", dir, e)),
+        };
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| Error::io("list directory", dir, e))?;
+            let ft = ent
+                .file_type()
+                .map_err(|e| Error::io("stat", &ent.path(), e))?;
+            out.push(Entry {
+                name: ent.file_name(),
+                is_dir: ft.is_dir(),
+                is_symlink: ft.is_symlink(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Places `src` at `dst` as a hard link, or as a copy (not yet synced) where linking is
+    /// refused and `allow_copy` is set, or always as a copy when `force_copy` is set.
+    pub(crate) fn link_or_copy(
+        &self,
+        src: &Path,
+        dst: &Path,
+        allow_link: bool,
+        allow_copy: bool,
+    ) -> Result<(Placed, File)> {
+        if allow_link {
+            match fs::hard_link(src, dst) {
+                Ok(()) => {
+                    let f = self.open_read(dst)?;
+                    return Ok((Placed::Linked, f));
+                }
+                Err(e) if allow_copy && link_refused(&e) => {
+                    tracing::debug!(src = %src.display(), error = %e, "hard link refused; copying");
+                }
+                Err(e) => return Err(Error::io("hard link", src, e)),
+            }
+        }
+        let mut from = File::open(src).map_err(|e| Error::io("open", src, e))?;
+        let mut to = self.create_new(dst)?;
+        io::copy(&mut from, &mut to).map_err(|e| Error::io("copy", dst, e))?;
+        Ok((Placed::Copied, to))
+    }
+
+    /// Takes an exclusive advisory lock, waiting at most `timeout`.
+    pub(crate) fn lock(&self, f: &File, path: &Path, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(20);
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(()),
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+            }
+            if start.elapsed() >= timeout {
+                return Err(ErrorKind::Busy {
+                    path: path.to_path_buf(),
+                }
+                .into());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(2));
+        }
+    }
+
+    /// Tries an exclusive advisory lock once. Returns false if another handle holds it.
+    pub(crate) fn try_lock(&self, f: &File, path: &Path) -> Result<bool> {
+        match f.try_lock() {
+            Ok(()) => Ok(true),
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(e)) => Err(Error::io("lock", path, e)),
+        }
+    }
+}
+
+fn eexist() -> i32 {
+    #[cfg(unix)]
+    {
+        libc::EEXIST
+    }
+    #[cfg(not(unix))]
+    {
+        80
+    }
+}
+
+/// Device, inode, size and modification time (ns) of an open file.
+pub(crate) fn identity(f: &File, path: &Path) -> Result<(u64, u64, u64, i128)> {
+    let m = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+    #[cfg(unix)]
+    {
+        let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+        Ok((m.dev(), m.ino(), m.len(), mtime))
+    }
+    #[cfg(not(unix))]
+    {
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        Ok((0, 0, m.len(), mtime))
+    }
+}
+
+/// True when the error is "the file already exists".
+pub(crate) fn is_exists(e: &Error) -> bool {
+    e.raw_os_error() == Some(eexist())
+}
+
+/// True when the error is "cross-device rename".
+pub(crate) fn is_cross_device(e: &Error) -> bool {
+    #[cfg(unix)]
+    {
+        e.raw_os_error() == Some(libc::EXDEV)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_refusals_fall_back_to_copy() {
+        for errno in [libc::EXDEV, libc::EPERM, libc::EMLINK] {
+            assert!(link_refused(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!link_refused(&io::Error::from_raw_os_error(libc::ENOENT)));
+        assert!(!link_refused(&io::Error::from_raw_os_error(libc::ENOSPC)));
+    }
+
+    #[test]
+    fn symlinks_are_never_opened() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
+        let target = d.path().join("target");
+        fs::write(&target, b"x").map_err(|e| Error::io("write", &target, e))?;
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io("symlink", &link, e))?;
+        let fs = Fs::default();
+        let err = fs
+            .read_bounded(&link, 10)
+            .expect_err("symlink must not open");
+        assert!(err.is_corrupt(), "{err}");
+        assert!(fs.create_truncate(&link).is_err());
+        assert_eq!(
+            fs::read(&target).map_err(|e| Error::io("read", &target, e))?,
+            b"x"
+        );
+        Ok(())
+    }
+}

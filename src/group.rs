@@ -1,0 +1,285 @@
+//! Groups: files uploaded together. Counts survive acknowledgement because every purged
+//! member leaves a checksummed record in its group's `purged` file; "finished" is claimed once
+//! by creating the group's `finished` file exclusively.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::fixed;
+use crate::store::{CancelResult, GROUPS, Store};
+use crate::transfer::{Outcome, Phase, TransferId};
+
+/// A purged member: id (16), outcome code (1), reserved (3), bytes (8), CRC-32 of 0..28 (4).
+pub(crate) const TALLY_RECORD_LEN: usize = 32;
+const TALLY_OUTCOME_AT: usize = 16;
+const TALLY_BYTES_AT: usize = 20;
+const TALLY_CRC_AT: usize = 28;
+/// The largest `purged` file read (two million members).
+const MAX_TALLY_FILE: u64 = 64 * 1024 * 1024;
+const PURGED: &str = "purged";
+const FINISHED: &str = "finished";
+
+const SUCCEEDED: u8 = 1;
+const FAILED: u8 = 2;
+const CANCELLED: u8 = 3;
+
+/// Where a group stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupSummary {
+    /// The group's name.
+    pub name: String,
+    /// Members still in the store (not yet purged), in id order.
+    pub members: Vec<TransferId>,
+    /// Members ever seen: live ones plus purged ones.
+    pub total: usize,
+    /// Members that have not ended.
+    pub active: usize,
+    /// Members that succeeded.
+    pub succeeded: usize,
+    /// Members that failed for good.
+    pub failed: usize,
+    /// Members cancelled.
+    pub cancelled: usize,
+    /// Bytes done across members (purged members count as fully done).
+    pub bytes_done: u64,
+    /// Bytes expected across members, where known.
+    pub bytes_total: u64,
+    /// True when every member has ended.
+    pub all_ended: bool,
+    /// True when "finished" has been claimed.
+    pub finished_claimed: bool,
+}
+
+/// The answer of [`Store::claim_group_finished`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupClaim {
+    /// This call claimed "finished"; no other caller ever will.
+    Won(GroupSummary),
+    /// Another caller claimed it first.
+    Lost,
+    /// Some member has not ended yet.
+    NotFinished(GroupSummary),
+}
+
+fn group_dir_name(name: &str) -> String {
+    let mut s = String::with_capacity(2 + name.len() * 2);
+    s.push_str("g-");
+    for b in name.bytes() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn outcome_code(o: &Outcome) -> u8 {
+    match o {
+        Outcome::Succeeded { .. } => SUCCEEDED,
+        Outcome::Failed { .. } => FAILED,
+        Outcome::Cancelled => CANCELLED,
+    }
+}
+
+fn encode_record(id: TransferId, code: u8, bytes: u64) -> [u8; TALLY_RECORD_LEN] {
+    let mut r = [0u8; TALLY_RECORD_LEN];
+    let (body, crc) = r.split_at_mut(TALLY_CRC_AT);
+    let (idb, rest) = body.split_at_mut(TALLY_OUTCOME_AT);
+    idb.copy_from_slice(id.as_bytes());
+    let (code_b, rest) = rest.split_at_mut(TALLY_BYTES_AT - TALLY_OUTCOME_AT);
+    if let Some(c) = code_b.first_mut() {
+        *c = code;
+    }
+    rest.copy_from_slice(&bytes.to_le_bytes());
+    crc.copy_from_slice(&crc32fast::hash(body).to_le_bytes());
+    r
+}
+
+/// Valid records of a `purged` file; a torn or damaged record is skipped.
+fn decode_records(bytes: &[u8]) -> HashMap<TransferId, (u8, u64)> {
+    let mut out = HashMap::new();
+    for rec in bytes.chunks_exact(TALLY_RECORD_LEN) {
+        let body = rec.get(..TALLY_CRC_AT).unwrap_or_default();
+        let stored = u32::from_le_bytes(fixed::<4>(rec, TALLY_CRC_AT));
+        let code = fixed::<1>(rec, TALLY_OUTCOME_AT)[0];
+        if crc32fast::hash(body) != stored || !(SUCCEEDED..=CANCELLED).contains(&code) {
+            continue;
+        }
+        let id = TransferId::from_bytes(fixed::<16>(rec, 0));
+        let n = u64::from_le_bytes(fixed::<8>(rec, TALLY_BYTES_AT));
+        out.insert(id, (code, n));
+    }
+    out
+}
+
+impl Store {
+    fn group_dir(&self, name: &str) -> PathBuf {
+        self.dir(GROUPS).join(group_dir_name(name))
+    }
+
+    /// Creates the group's directory if needed, syncing `groups/` when it is new.
+    fn ensure_group_dir(&self, name: &str) -> Result<PathBuf> {
+        let d = self.group_dir(name);
+        if self.fs.create_dir(&d)? {
+            self.fs.sync_dir(&self.dir(GROUPS))?;
+        }
+        Ok(d)
+    }
+
+    /// Records a member's final outcome before it is purged. Called with the member's lock
+    /// held; a crash after this and before the purge leaves the member both live and tallied,
+    /// which the counts treat as one member.
+    pub(crate) fn tally(
+        &self,
+        group: &str,
+        id: TransferId,
+        outcome: &Outcome,
+        bytes: u64,
+    ) -> Result<()> {
+        let d = self.ensure_group_dir(group)?;
+        let path = d.join(PURGED);
+        let (f, created) = self.fs.open_or_create(&path)?;
+        self.fs.lock(&f, &path, std::time::Duration::from_secs(5))?;
+        let len = f.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+        // Append at a record boundary: a torn last record is overwritten.
+        let at = len - len % TALLY_RECORD_LEN as u64;
+        let rec = encode_record(id, outcome_code(outcome), bytes);
+        self.fs.write_at(&f, &path, at, &rec)?;
+        self.fs.sync_data(&f, &path)?;
+        if created {
+            self.fs.sync_dir(&d)?;
+        }
+        Ok(())
+    }
+
+    fn tallies(&self, name: &str) -> Result<HashMap<TransferId, (u8, u64)>> {
+        let path = self.group_dir(name).join(PURGED);
+        match self.fs.read_bounded(&path, MAX_TALLY_FILE) {
+            Ok(b) => Ok(decode_records(&b)),
+            Err(e) if e.is_not_found_io() => Ok(HashMap::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Members, counts and aggregate progress of a group. Counts include purged members.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when no member was ever seen; I/O errors.
+    pub fn group(&self, name: &str) -> Result<GroupSummary> {
+        let live = self.list(&crate::Filter::all().group(name))?;
+        let tallied = self.tallies(name)?;
+        let mut g = GroupSummary {
+            name: name.to_owned(),
+            members: live.iter().map(|t| t.id()).collect(),
+            total: 0,
+            active: 0,
+            succeeded: 0,
+            failed: 0,
+            cancelled: 0,
+            bytes_done: 0,
+            bytes_total: 0,
+            all_ended: false,
+            finished_claimed: false,
+        };
+        let mut count = |code: u8| match code {
+            SUCCEEDED => g.succeeded += 1,
+            FAILED => g.failed += 1,
+            _ => g.cancelled += 1,
+        };
+        for t in &live {
+            if tallied.contains_key(&t.id()) {
+                continue;
+            }
+            match &t.state.outcome {
+                Some(o) if t.state.phase.is_terminal() => count(outcome_code(o)),
+                _ => g.active += 1,
+            }
+            g.bytes_done += t.state.bytes_done;
+            g.bytes_total += t
+                .state
+                .bytes_total
+                .unwrap_or_else(|| t.manifest.payload.len());
+        }
+        for (code, bytes) in tallied.values() {
+            count(*code);
+            g.bytes_done += bytes;
+            g.bytes_total += bytes;
+        }
+        g.total = g.active + g.succeeded + g.failed + g.cancelled;
+        if g.total == 0 {
+            return Err(Error::not_found(format!("group {name:?}")));
+        }
+        g.all_ended = g.active == 0;
+        g.finished_claimed = self.fs.lstat(&self.group_dir(name).join(FINISHED)).is_ok();
+        Ok(g)
+    }
+
+    /// Claims "the last member ended" for a group. Exactly one caller, across threads and
+    /// processes, ever gets [`GroupClaim::Won`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown group; I/O errors.
+    pub fn claim_group_finished(&self, name: &str) -> Result<GroupClaim> {
+        self.fs.check()?;
+        let mut g = self.group(name)?;
+        if !g.all_ended {
+            return Ok(GroupClaim::NotFinished(g));
+        }
+        let d = self.ensure_group_dir(name)?;
+        let path = d.join(FINISHED);
+        match self.fs.create_new(&path) {
+            Ok(_) => {
+                self.fs.sync_dir(&d)?;
+                g.finished_claimed = true;
+                tracing::debug!(group = name, "group finished claimed");
+                Ok(GroupClaim::Won(g))
+            }
+            Err(e) if crate::fs::is_exists(&e) => Ok(GroupClaim::Lost),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Cancels every member of a group that has not ended.
+    ///
+    /// # Errors
+    /// The first error met; members before it stay cancelled.
+    pub fn cancel_group(&self, name: &str) -> Result<Vec<(TransferId, CancelResult)>> {
+        let mut out = Vec::new();
+        for t in self.list(&crate::Filter::all().group(name))? {
+            if t.state.phase == Phase::Cancelled {
+                continue;
+            }
+            match self.cancel(t.id()) {
+                Ok(r) => out.push((t.id(), r)),
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_and_duplicate_records_count_once() {
+        let a = TransferId::new_v4();
+        let b = TransferId::new_v4();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&encode_record(a, SUCCEEDED, 10));
+        bytes.extend_from_slice(&encode_record(a, SUCCEEDED, 10));
+        let mut torn = encode_record(b, FAILED, 5);
+        torn[3] ^= 0x40;
+        bytes.extend_from_slice(&torn);
+        bytes.extend_from_slice(&[1, 2, 3]);
+        let r = decode_records(&bytes);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.get(&a), Some(&(SUCCEEDED, 10)));
+    }
+
+    #[test]
+    fn group_dir_names_are_safe() {
+        assert_eq!(group_dir_name("a/../b"), "g-612f2e2e2f62");
+    }
+}

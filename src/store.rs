@@ -1,0 +1,1549 @@
+//! The store: one directory per transfer, a two-slot state file, crash-safe creation and removal.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::error::{Corruption, Error, ErrorKind, Result};
+use crate::format::{self, manifest, state as state_fmt};
+use crate::fs::{self as wfs, Fs, Placed};
+use crate::transfer::{
+    FailReason, Kind, LinkMode, Manifest, NewTransfer, Outcome, PayloadFacts, Phase, Request,
+    State, TaskBinding, Transfer, TransferId, UploadSource,
+};
+
+pub(crate) const FORMAT_FILE: &str = "FORMAT";
+pub(crate) const LOCK_FILE: &str = "lock";
+pub(crate) const TRANSFERS: &str = "transfers";
+pub(crate) const STAGING: &str = "staging";
+pub(crate) const TRASH: &str = "trash";
+pub(crate) const QUARANTINE: &str = "quarantine";
+pub(crate) const GROUPS: &str = "groups";
+pub(crate) const MANIFEST: &str = "manifest";
+pub(crate) const STATE: &str = "state";
+pub(crate) const PAYLOAD: &str = "payload";
+pub(crate) const PARTIAL: &str = "partial";
+pub(crate) const RESUME: &str = "resume";
+
+/// The longest session, group name, idempotency key, tag or header name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 100;
+/// The longest error text kept in the state; longer text is cut at a character boundary.
+pub const MAX_ERROR_BYTES: usize = 1024;
+/// The largest resume data accepted.
+pub const MAX_RESUME_BYTES: u64 = 4 * 1024 * 1024;
+
+type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Options for opening a store. `Store::open(path)` is `Store::builder().open(path)`.
+#[derive(Clone)]
+pub struct StoreBuilder {
+    lock_timeout: Duration,
+    flush_interval: Duration,
+    staging_grace: Duration,
+    clock: Clock,
+}
+
+impl fmt::Debug for StoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreBuilder")
+            .field("lock_timeout", &self.lock_timeout)
+            .field("flush_interval", &self.flush_interval)
+            .field("staging_grace", &self.staging_grace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for StoreBuilder {
+    fn default() -> Self {
+        StoreBuilder {
+            lock_timeout: Duration::from_secs(5),
+            flush_interval: Duration::from_secs(1),
+            staging_grace: Duration::from_secs(60),
+            clock: Arc::new(SystemTime::now),
+        }
+    }
+}
+
+impl StoreBuilder {
+    /// How long an operation waits for a transfer's lock before failing with
+    /// [`ErrorKind::Busy`]. Default 5 s. Locks are only ever held for one operation.
+    pub fn lock_timeout(mut self, t: Duration) -> Self {
+        self.lock_timeout = t;
+        self
+    }
+
+    /// The most often a transfer's coalesced progress is written and synced. Default 1 s.
+    pub fn flush_interval(mut self, t: Duration) -> Self {
+        self.flush_interval = t;
+        self
+    }
+
+    /// How old an unlocked staging directory must be before `open` clears it. Default 60 s.
+    ///
+    /// A live builder always holds its lock and is never cleared; the grace only covers the
+    /// instant between a builder creating its directory and locking it.
+    pub fn staging_grace(mut self, t: Duration) -> Self {
+        self.staging_grace = t;
+        self
+    }
+
+    /// The clock used for created times and retry times. Default [`SystemTime::now`].
+    pub fn clock(mut self, clock: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Opens the store at `root`, creating it if the directory is missing or empty.
+    ///
+    /// # Errors
+    /// [`ErrorKind::UnsupportedVersion`] for a store written by a newer format,
+    /// [`ErrorKind::Corrupt`] for a damaged `FORMAT` file, I/O errors.
+    pub fn open(self, root: impl AsRef<Path>) -> Result<Store> {
+        Store::open_with(self, root.as_ref())
+    }
+}
+
+/// What opening the store found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenReport {
+    /// True when this open created the store.
+    pub created: bool,
+    /// Staging directories cleared (debris of creates that never finished).
+    pub staging_cleared: Vec<String>,
+    /// Staging directories left alone because a live process holds them.
+    pub staging_live: Vec<String>,
+    /// Trash entries removed (interrupted removals).
+    pub trash_cleared: Vec<String>,
+    /// Entries under `transfers/` that are not canonical transfer directories. Reported, never
+    /// deleted.
+    pub unknown_entries: Vec<PathBuf>,
+}
+
+/// Everything under `transfers/`, as one listing.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Scan {
+    /// Readable transfers, in id order.
+    pub transfers: Vec<Transfer>,
+    /// Transfers whose manifest failed its checks: quarantine them.
+    pub corrupt: Vec<(TransferId, Error)>,
+    /// Entries that are not canonical transfer directories.
+    pub unknown: Vec<PathBuf>,
+}
+
+/// A filter for [`Store::list`]; every field set must match.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Filter {
+    /// Only this phase.
+    pub phase: Option<Phase>,
+    /// Only this group.
+    pub group: Option<String>,
+    /// Only this session.
+    pub session: Option<String>,
+    /// Only this kind.
+    pub kind: Option<Kind>,
+}
+
+impl Filter {
+    /// Matches every transfer.
+    pub fn all() -> Self {
+        Filter::default()
+    }
+
+    /// Only this phase.
+    pub fn phase(mut self, p: Phase) -> Self {
+        self.phase = Some(p);
+        self
+    }
+
+    /// Only this group.
+    pub fn group(mut self, g: impl Into<String>) -> Self {
+        self.group = Some(g.into());
+        self
+    }
+
+    /// Only this session.
+    pub fn session(mut self, s: impl Into<String>) -> Self {
+        self.session = Some(s.into());
+        self
+    }
+
+    /// Only this kind.
+    pub fn kind(mut self, k: Kind) -> Self {
+        self.kind = Some(k);
+        self
+    }
+
+    fn matches(&self, t: &Transfer) -> bool {
+        self.phase.is_none_or(|p| t.state.phase == p)
+            && self
+                .group
+                .as_ref()
+                .is_none_or(|g| t.manifest.group.as_ref() == Some(g))
+            && self
+                .session
+                .as_ref()
+                .is_none_or(|s| &t.manifest.session == s)
+            && self.kind.is_none_or(|k| t.manifest.kind == k)
+    }
+}
+
+/// The answer of [`Store::complete`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// This call recorded the outcome.
+    Won(Outcome),
+    /// The transfer had already ended; this is the outcome recorded then. Nothing was changed.
+    Lost(Outcome),
+}
+
+/// How a failure should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// May succeed later: count a failure and retry after a backoff.
+    Transient,
+    /// Will not succeed: give up now.
+    Permanent,
+    /// The server asked to retry after this time: count a failure and retry then.
+    RetryAfter(SystemTime),
+}
+
+/// The answer of [`Store::fail`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailResult {
+    /// Recreate the task at this time.
+    RetryAt(SystemTime),
+    /// The transfer failed for good (permanent error or retry policy spent).
+    GaveUp,
+    /// The transfer had already ended; nothing was changed.
+    AlreadyEnded(Outcome),
+}
+
+/// The answer of [`Store::cancel`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelResult {
+    /// Cancelled now; cancel this platform task too, if any.
+    Cancelled {
+        /// The task that was bound.
+        task: Option<TaskBinding>,
+    },
+    /// The transfer had already ended (or was cancelled before); nothing was changed.
+    AlreadyEnded(Outcome),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingProgress {
+    done: u64,
+    total: Option<u64>,
+    dirty: bool,
+    last_flush: Instant,
+}
+
+#[derive(Debug, Default)]
+struct TaskIndex {
+    by_task: HashMap<(String, u64), TransferId>,
+    by_tag: HashMap<String, TransferId>,
+}
+
+/// A handle on one store directory. `Send + Sync`; one long-lived handle per process is the
+/// normal use. Several processes may open the same store at once.
+pub struct Store {
+    root: PathBuf,
+    pub(crate) fs: Fs,
+    cfg: StoreBuilder,
+    manifests: Mutex<HashMap<TransferId, Arc<Manifest>>>,
+    index: Mutex<TaskIndex>,
+    pending: Mutex<HashMap<TransferId, PendingProgress>>,
+    report: OpenReport,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A transfer built in `staging/`, not yet visible.
+struct Staged {
+    id: TransferId,
+    dir: PathBuf,
+    /// The state file, locked for as long as the build runs so no cleaner takes the directory.
+    state: File,
+    /// Files whose data must be synced before the directory becomes visible.
+    to_sync: Vec<(File, PathBuf)>,
+    manifest: Manifest,
+}
+
+fn check_name(what: &str, s: &str) -> Result<()> {
+    if s.is_empty() || s.len() > MAX_NAME_BYTES {
+        return Err(Error::invalid(format!(
+            "{what} must be 1 to {MAX_NAME_BYTES} bytes, got {}",
+            s.len()
+        )));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "{what} {s:?} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_request(r: &Request) -> Result<()> {
+    if r.url.is_empty() {
+        return Err(Error::invalid("the URL is empty"));
+    }
+    check_name("the method", &r.method)?;
+    for h in &r.headers {
+        check_name("a header name", &h.name)?;
+        if h.value.contains(['\r', '\n']) {
+            return Err(Error::invalid(format!(
+                "header {} contains a line break",
+                h.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn truncate_text(s: &str) -> String {
+    if s.len() <= MAX_ERROR_BYTES {
+        return s.to_owned();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default().to_owned()
+}
+
+impl Store {
+    /// Opens the store at `root` with default options, creating it if needed.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), waybill::Error> {
+    /// let dir = tempfile::tempdir().expect("tempdir");
+    /// let store = waybill::Store::open(dir.path())?;
+    /// assert!(store.open_report().created);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`StoreBuilder::open`].
+    pub fn open(root: impl AsRef<Path>) -> Result<Store> {
+        Store::builder().open(root)
+    }
+
+    /// Options for opening a store.
+    pub fn builder() -> StoreBuilder {
+        StoreBuilder::default()
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// What opening found and did.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    pub(crate) fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub(crate) fn transfer_dir(&self, id: TransferId) -> PathBuf {
+        self.root.join(TRANSFERS).join(id.to_string())
+    }
+
+    pub(crate) fn now(&self) -> SystemTime {
+        (self.cfg.clock)()
+    }
+
+    fn open_with(cfg: StoreBuilder, root: &Path) -> Result<Store> {
+        let fs = Fs::default();
+        let mut report = OpenReport::default();
+        if fs.create_dir(root)?
+            && let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty())
+        {
+            fs.sync_dir(parent)?;
+        }
+        let format_path = root.join(FORMAT_FILE);
+        match fs.read_bounded(&format_path, format::STORE_FORMAT_LEN as u64 * 4) {
+            Ok(bytes) => {
+                format::decode_store_format(&format_path, &bytes)?;
+            }
+            Err(e) if e.is_not_found_io() => {
+                // Write to a unique temporary name, sync, then rename: racing creators write
+                // identical bytes, so whichever rename lands last changes nothing.
+                let tmp = root.join(format!("FORMAT.tmp-{}", TransferId::new_v4()));
+                let f = fs.create_new(&tmp)?;
+                fs.write_all(&f, &tmp, &format::encode_store_format())?;
+                fs.sync_data(&f, &tmp)?;
+                fs.rename(&tmp, &format_path)?;
+                report.created = true;
+                tracing::debug!(root = %root.display(), "created store");
+            }
+            Err(e) => return Err(e),
+        }
+        let mut made = false;
+        for d in [TRANSFERS, STAGING, TRASH, QUARANTINE, GROUPS] {
+            made |= fs.create_dir(&root.join(d))?;
+        }
+        let lock_path = root.join(LOCK_FILE);
+        let (lock_file, lock_created) = fs.open_or_create(&lock_path)?;
+        if made || lock_created || report.created {
+            fs.sync_dir(root)?;
+        }
+        let mut store = Store {
+            root: root.to_path_buf(),
+            fs,
+            cfg,
+            manifests: Mutex::new(HashMap::new()),
+            index: Mutex::new(TaskIndex::default()),
+            pending: Mutex::new(HashMap::new()),
+            report,
+        };
+        // One cleaner at a time: a process that finds the root lock taken skips cleaning, since
+        // the holder is cleaning the same debris.
+        if store.fs.try_lock(&lock_file, &lock_path)? {
+            store.clear_debris()?;
+        }
+        store.scan_unknown()?;
+        drop(lock_file);
+        Ok(store)
+    }
+}
+
+impl Store {
+    /// Clears `staging/` debris that no live process owns, and interrupted removals in `trash/`.
+    fn clear_debris(&mut self) -> Result<()> {
+        let staging = self.dir(STAGING);
+        let now = SystemTime::now();
+        let mut cleared = Vec::new();
+        let mut live = Vec::new();
+        for e in self.fs.list(&staging)? {
+            let name = e.name.to_string_lossy().into_owned();
+            let path = staging.join(&e.name);
+            if TransferId::parse_canonical(&name).is_none() || !e.is_dir || e.is_symlink {
+                tracing::warn!(path = %path.display(), "unexpected entry in staging left alone");
+                continue;
+            }
+            let state_path = path.join(STATE);
+            // Hold the builder's lock (if we can take it) while deleting, so no builder can
+            // resume in a directory being removed.
+            let _held = match self.fs.open_read(&state_path) {
+                Ok(f) => {
+                    if !self.fs.try_lock(&f, &state_path)? {
+                        live.push(name);
+                        continue;
+                    }
+                    Some(f)
+                }
+                Err(_) => None,
+            };
+            let age = self
+                .fs
+                .lstat(&path)?
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or(Duration::ZERO);
+            if age < self.cfg.staging_grace {
+                live.push(name);
+                continue;
+            }
+            self.fs.remove_tree(&path)?;
+            tracing::warn!(transfer = %name, "cleared staging debris of an unfinished create");
+            cleared.push(name);
+        }
+        if !cleared.is_empty() {
+            self.fs.sync_dir(&staging)?;
+        }
+        let trash = self.dir(TRASH);
+        let mut trashed = Vec::new();
+        for e in self.fs.list(&trash)? {
+            let name = e.name.to_string_lossy().into_owned();
+            if TransferId::parse_canonical(&name).is_none() {
+                tracing::warn!(entry = %name, "unexpected entry in trash left alone");
+                continue;
+            }
+            self.fs.remove_tree(&trash.join(&e.name))?;
+            tracing::warn!(transfer = %name, "finished an interrupted removal");
+            trashed.push(name);
+        }
+        if !trashed.is_empty() {
+            self.fs.sync_dir(&trash)?;
+        }
+        self.report.staging_cleared = cleared;
+        self.report.staging_live = live;
+        self.report.trash_cleared = trashed;
+        Ok(())
+    }
+
+    fn scan_unknown(&mut self) -> Result<()> {
+        let transfers = self.dir(TRANSFERS);
+        for e in self.fs.list(&transfers)? {
+            let ok = e.is_dir
+                && !e.is_symlink
+                && e.name
+                    .to_str()
+                    .and_then(TransferId::parse_canonical)
+                    .is_some();
+            if !ok {
+                let p = transfers.join(&e.name);
+                tracing::warn!(path = %p.display(), "entry under transfers/ is not a transfer; left alone");
+                self.report.unknown_entries.push(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates one transfer. When this returns `Ok`, the transfer survives a crash; if it does
+    /// not return, no part of the transfer is visible after a crash.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), waybill::Error> {
+    /// use waybill::{NewTransfer, Store, UploadSource};
+    /// let dir = tempfile::tempdir().expect("tempdir");
+    /// let store = Store::open(dir.path())?;
+    /// let id = store.create(
+    ///     NewTransfer::upload("https://example.com/u", UploadSource::Bytes(b"hello".to_vec()))
+    ///         .secret_header("Authorization", "Bearer t0ken")
+    ///         .meta("album", "holiday"),
+    /// )?;
+    /// let t = store.get(id)?;
+    /// assert_eq!(t.manifest.payload.len(), 5);
+    /// assert_eq!(t.manifest.request.headers[0].value, ""); // secrets never reach the disk
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a bad name, request or metadata; I/O errors (nothing
+    /// is left visible then).
+    pub fn create(&self, t: NewTransfer) -> Result<TransferId> {
+        let ids = self.create_batch(vec![t])?;
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid("empty batch"))
+    }
+
+    /// Creates many transfers in one call, sharing the directory syncs. Each transfer is whole
+    /// or absent after a crash; on `Ok` all of them survive.
+    ///
+    /// # Errors
+    /// As [`Store::create`]; on an error, no transfer of the batch is left visible.
+    pub fn create_batch(&self, items: Vec<NewTransfer>) -> Result<Vec<TransferId>> {
+        self.fs.check()?;
+        for t in &items {
+            Self::validate(t)?;
+        }
+        let now = self.now();
+        let mut staged = Vec::with_capacity(items.len());
+        let built = self.stage_all(items, now, &mut staged);
+        if let Err(e) = built {
+            for s in &staged {
+                let _ = self.fs.remove_tree(&s.dir);
+            }
+            return Err(e);
+        }
+        let transfers = self.dir(TRANSFERS);
+        let mut moved: Vec<TransferId> = Vec::with_capacity(staged.len());
+        for s in &staged {
+            let to = transfers.join(s.id.to_string());
+            if let Err(e) = self.fs.rename(&s.dir, &to) {
+                self.roll_back(&moved);
+                for s in &staged {
+                    let _ = self.fs.remove_tree(&s.dir);
+                }
+                return Err(e);
+            }
+            moved.push(s.id);
+        }
+        self.fs.sync_dir(&transfers)?;
+        let mut cache = lock(&self.manifests);
+        for s in staged {
+            tracing::debug!(transfer = %s.id, kind = %s.manifest.kind, "created");
+            cache.insert(s.id, Arc::new(s.manifest));
+            drop(s.state);
+        }
+        Ok(moved)
+    }
+
+    fn roll_back(&self, moved: &[TransferId]) {
+        for id in moved {
+            let _ = self.move_to_trash(*id);
+        }
+    }
+
+    fn validate(t: &NewTransfer) -> Result<()> {
+        check_name("the session", &t.session)?;
+        if let Some(g) = &t.group {
+            check_name("the group", g)?;
+        }
+        if let Some(k) = &t.idempotency_key {
+            check_name("the idempotency key", k)?;
+        }
+        check_request(&t.request)?;
+        if t.retry.max_attempts == 0 {
+            return Err(Error::invalid("max_attempts must be at least 1"));
+        }
+        match (t.kind, &t.source) {
+            (Kind::Upload, None) => Err(Error::invalid("an upload needs a source")),
+            (Kind::Download, Some(_)) => Err(Error::invalid("a download takes no source")),
+            _ => Ok(()),
+        }
+    }
+
+    fn stage_all(
+        &self,
+        items: Vec<NewTransfer>,
+        now: SystemTime,
+        staged: &mut Vec<Staged>,
+    ) -> Result<()> {
+        for t in items {
+            let id = TransferId::new_v4();
+            let dir = self.dir(STAGING).join(id.to_string());
+            self.fs.create_dir(&dir)?;
+            match self.build(id, &dir, t, now) {
+                Ok(s) => staged.push(s),
+                Err(e) => {
+                    let _ = self.fs.remove_tree(&dir);
+                    return Err(e);
+                }
+            }
+        }
+        for s in staged.iter() {
+            for (f, p) in &s.to_sync {
+                self.fs.sync_data(f, p)?;
+            }
+            self.fs.sync_dir(&s.dir)?;
+        }
+        Ok(())
+    }
+
+    fn build(&self, id: TransferId, dir: &Path, t: NewTransfer, now: SystemTime) -> Result<Staged> {
+        let state_path = dir.join(STATE);
+        let state = self.fs.create_new(&state_path)?;
+        self.fs.lock(&state, &state_path, self.cfg.lock_timeout)?;
+        let mut to_sync = Vec::new();
+        let payload_path = dir.join(PAYLOAD);
+        let payload = match t.source {
+            None => PayloadFacts::None,
+            Some(UploadSource::Bytes(bytes)) => {
+                let f = self.fs.create_new(&payload_path)?;
+                self.fs.write_all(&f, &payload_path, &bytes)?;
+                to_sync.push((f, payload_path));
+                PayloadFacts::Written {
+                    len: bytes.len() as u64,
+                }
+            }
+            Some(UploadSource::File { path, link }) => {
+                let src = std::fs::canonicalize(&path)
+                    .map_err(|e| Error::io("resolve upload source", &path, e))?;
+                let meta = std::fs::metadata(&src)
+                    .map_err(|e| Error::io("stat upload source", &src, e))?;
+                if !meta.is_file() {
+                    return Err(Error::invalid(format!(
+                        "the upload source {} is not a regular file",
+                        path.display()
+                    )));
+                }
+                let (placed, f) = self.fs.link_or_copy(
+                    &src,
+                    &payload_path,
+                    link != LinkMode::Copy,
+                    link != LinkMode::HardLink,
+                )?;
+                let (dev, ino, len, mtime_ns) = wfs::identity(&f, &payload_path)?;
+                // A linked file's data must be durable too before the transfer is: the caller
+                // may have written it moments ago. Syncing does not modify it.
+                to_sync.push((f, payload_path));
+                match placed {
+                    Placed::Linked => PayloadFacts::Linked {
+                        len,
+                        dev,
+                        ino,
+                        mtime_ns,
+                    },
+                    Placed::Copied => PayloadFacts::Copied { len },
+                }
+            }
+        };
+        let manifest = Manifest {
+            id,
+            kind: t.kind,
+            session: t.session,
+            request: t.request,
+            group: t.group,
+            created: format::from_ms(format::to_ms(now)),
+            deadline: t.deadline.map(|d| format::from_ms(format::to_ms(d))),
+            retry: t.retry,
+            payload,
+            idempotency_key: t.idempotency_key.unwrap_or_else(|| id.to_string()),
+            metadata: t.metadata,
+        };
+        let mut stored = manifest.clone();
+        for h in &mut stored.request.headers {
+            if h.secret {
+                h.value.clear();
+            }
+        }
+        let bytes = manifest::encode(&manifest)?;
+        let mpath = dir.join(MANIFEST);
+        let mf = self.fs.create_new(&mpath)?;
+        self.fs.write_all(&mf, &mpath, &bytes)?;
+        to_sync.push((mf, mpath));
+        let slot = state_fmt::encode_slot(1, &State::new())?;
+        self.fs.write_at(&state, &state_path, 0, &slot)?;
+        let sf = state
+            .try_clone()
+            .map_err(|e| Error::io("duplicate handle", &state_path, e))?;
+        to_sync.push((sf, state_path));
+        Ok(Staged {
+            id,
+            dir: dir.to_path_buf(),
+            state,
+            to_sync,
+            manifest: stored,
+        })
+    }
+
+    /// The manifest of `id`, from the cache or from disk.
+    pub(crate) fn manifest(&self, id: TransferId) -> Result<Arc<Manifest>> {
+        if let Some(m) = lock(&self.manifests).get(&id) {
+            return Ok(Arc::clone(m));
+        }
+        let dir = self.transfer_dir(id);
+        let meta = match self.fs.lstat(&dir) {
+            Ok(m) => m,
+            Err(e) if e.is_not_found_io() => {
+                return Err(Error::not_found(format!("transfer {id}")));
+            }
+            Err(e) => return Err(e),
+        };
+        if !meta.is_dir() {
+            return Err(Error::corrupt(
+                &dir,
+                Corruption::WrongType {
+                    found: if meta.is_symlink() {
+                        "symbolic link".into()
+                    } else {
+                        "not a directory".into()
+                    },
+                },
+            ));
+        }
+        let path = dir.join(MANIFEST);
+        let bytes = match self.fs.read_bounded(&path, manifest::MAX_FILE) {
+            Err(e) if e.is_not_found_io() => {
+                return Err(Error::corrupt(
+                    &path,
+                    Corruption::Truncated {
+                        needed: manifest::HEADER_LEN as u64,
+                        found: 0,
+                    },
+                ));
+            }
+            r => r?,
+        };
+        let m = manifest::decode(&path, &bytes)?;
+        if m.id != id {
+            return Err(Error::corrupt(
+                &path,
+                Corruption::IdMismatch {
+                    expected: id,
+                    found: m.id,
+                },
+            ));
+        }
+        let m = Arc::new(m);
+        lock(&self.manifests).insert(id, Arc::clone(&m));
+        Ok(m)
+    }
+
+    /// Decodes a state file's bytes; when no slot is valid, rebuilds it from the manifest.
+    fn decode_state(
+        &self,
+        id: TransferId,
+        path: &Path,
+        bytes: &[u8],
+    ) -> (State, Option<(usize, u64)>) {
+        let slots = state_fmt::decode_file(bytes);
+        match state_fmt::newest_or_corrupt(path, &slots) {
+            Ok((i, slot)) => {
+                if let Some(Err(c)) = slots.slot.get(1 - i)
+                    && slot.seq > 1
+                {
+                    tracing::debug!(transfer = %id, slot = 1 - i, reason = %c, "older state slot invalid");
+                }
+                (slot.state, Some((i, slot.seq)))
+            }
+            Err(e) => {
+                tracing::warn!(transfer = %id, error = %e, "state rebuilt from the manifest");
+                let mut s = State::new();
+                s.rebuilt = true;
+                (s, None)
+            }
+        }
+    }
+
+    fn read_state(&self, id: TransferId) -> Result<State> {
+        let dir = self.transfer_dir(id);
+        let path = dir.join(STATE);
+        let bytes = match self.fs.open_read(&path) {
+            Ok(f) => self.fs.read_prefix(&f, &path, state_fmt::MAX_FILE)?,
+            Err(e) if e.is_not_found_io() => {
+                if self.fs.lstat(&dir).is_err() {
+                    lock(&self.manifests).remove(&id);
+                    return Err(Error::not_found(format!("transfer {id}")));
+                }
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(self.decode_state(id, &path, &bytes).0)
+    }
+
+    /// Reads one transfer. Needs no lock: a torn state slot reads as the older one.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`], [`ErrorKind::Corrupt`] when the manifest fails its checks (the
+    /// state never does: it is rebuilt and flagged), I/O errors.
+    pub fn get(&self, id: TransferId) -> Result<Transfer> {
+        self.fs.check()?;
+        let manifest = self.manifest(id)?;
+        let state = self.read_state(id)?;
+        Ok(Transfer {
+            manifest: (*manifest).clone(),
+            state,
+        })
+    }
+
+    /// A locked read-modify-write of one transfer's state. `f` returns its answer and whether
+    /// the state changed; a changed state is written to the other slot and synced before the
+    /// lock is released.
+    fn modify<R>(
+        &self,
+        id: TransferId,
+        op: &'static str,
+        f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
+    ) -> Result<R> {
+        self.fs.check()?;
+        let manifest = self.manifest(id)?;
+        let dir = self.transfer_dir(id);
+        let path = dir.join(STATE);
+        let (file, created) = match self.fs.open_rw(&path) {
+            Ok(f) => (f, false),
+            Err(e) if e.is_not_found_io() => {
+                if self.fs.lstat(&dir).is_err() {
+                    lock(&self.manifests).remove(&id);
+                    return Err(Error::not_found(format!("transfer {id}")));
+                }
+                self.fs.open_or_create(&path)?
+            }
+            Err(e) => return Err(e),
+        };
+        self.fs.lock(&file, &path, self.cfg.lock_timeout)?;
+        let bytes = self.fs.read_prefix(&file, &path, state_fmt::MAX_FILE)?;
+        let (mut state, newest) = self.decode_state(id, &path, &bytes);
+        let pending = lock(&self.pending).get(&id).copied().filter(|p| p.dirty);
+        let mut changed = newest.is_none();
+        if let Some(p) = pending
+            && !state.phase.is_terminal()
+            && (p.done, p.total) != (state.bytes_done, state.bytes_total)
+        {
+            state.bytes_done = p.done;
+            state.bytes_total = p.total.or(state.bytes_total);
+            changed = true;
+        }
+        let (answer, f_changed) = f(&manifest, &mut state, &dir)?;
+        if changed || f_changed {
+            let (slot, seq) = match newest {
+                Some((i, seq)) => (1 - i, seq.wrapping_add(1)),
+                None => (0, 1),
+            };
+            let enc = state_fmt::encode_slot(seq, &state)?;
+            self.fs
+                .write_at(&file, &path, (slot * state_fmt::SLOT_CAPACITY) as u64, &enc)?;
+            self.fs.sync_data(&file, &path)?;
+            if created {
+                self.fs.sync_dir(&dir)?;
+            }
+            tracing::debug!(transfer = %id, op, phase = %state.phase, seq, "state written");
+        } else {
+            tracing::debug!(transfer = %id, op, "no change");
+        }
+        if let Some(p) = pending {
+            let mut g = lock(&self.pending);
+            if let Some(cur) = g.get_mut(&id)
+                && (cur.done, cur.total) == (p.done, p.total)
+            {
+                cur.dirty = false;
+                cur.last_flush = Instant::now();
+            }
+        }
+        Ok(answer)
+    }
+
+    /// Binds a platform task to the transfer. Durable before it returns, so call it before
+    /// resuming the task. The task's session must be the transfer's session.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for another session or an ended transfer;
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn bind(&self, id: TransferId, task: TaskBinding) -> Result<()> {
+        if let Some(tag) = &task.tag {
+            check_name("the tag", tag)?;
+        }
+        self.modify(id, "bind", |m, s, _| {
+            if task.session != m.session {
+                return Err(Error::invalid(format!(
+                    "task session {:?} is not the transfer's session {:?}",
+                    task.session, m.session
+                )));
+            }
+            if s.phase.is_terminal() {
+                return Err(Error::invalid(format!(
+                    "transfer {id} has ended ({}); it cannot be bound",
+                    s.phase
+                )));
+            }
+            s.binding = Some(task.clone());
+            s.phase = Phase::Running;
+            s.next_attempt = None;
+            Ok(((), true))
+        })?;
+        let mut idx = lock(&self.index);
+        idx.by_task.insert((task.session, task.task_id), id);
+        if let Some(tag) = task.tag {
+            idx.by_tag.insert(tag, id);
+        }
+        Ok(())
+    }
+
+    /// Records progress. With [`Durability::Immediate`](crate::Durability::Immediate) it is
+    /// synced before returning; with `Coalesced` it is written at most once per flush interval.
+    /// Progress on an ended transfer is ignored.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; I/O errors of a write this call performs.
+    pub fn progress(
+        &self,
+        id: TransferId,
+        done: u64,
+        total: Option<u64>,
+        durability: crate::Durability,
+    ) -> Result<()> {
+        match durability {
+            crate::Durability::Immediate => self.modify(id, "progress", |_, s, _| {
+                if s.phase.is_terminal() || (s.bytes_done, s.bytes_total) == (done, total) {
+                    return Ok(((), false));
+                }
+                s.bytes_done = done;
+                s.bytes_total = total.or(s.bytes_total);
+                Ok(((), true))
+            }),
+            crate::Durability::Coalesced => {
+                let due = {
+                    let mut g = lock(&self.pending);
+                    if !g.contains_key(&id) {
+                        drop(g);
+                        self.manifest(id)?;
+                        g = lock(&self.pending);
+                    }
+                    let p = g.entry(id).or_insert(PendingProgress {
+                        done,
+                        total,
+                        dirty: true,
+                        last_flush: Instant::now(),
+                    });
+                    p.done = done;
+                    p.total = total;
+                    p.dirty = true;
+                    p.last_flush.elapsed() >= self.cfg.flush_interval
+                };
+                if due {
+                    self.modify(id, "flush progress", |_, _, _| Ok(((), false)))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes every coalesced progress report not yet written.
+    ///
+    /// # Errors
+    /// The first I/O error met; the other transfers are still flushed.
+    pub fn flush(&self) -> Result<()> {
+        let dirty: Vec<TransferId> = lock(&self.pending)
+            .iter()
+            .filter(|(_, p)| p.dirty)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut first = None;
+        for id in dirty {
+            match self.modify(id, "flush progress", |_, _, _| Ok(((), false))) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                    lock(&self.pending).remove(&id);
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Records success. Compare-and-set: exactly one caller (thread or process) wins; a caller
+    /// that lost gets the outcome already recorded and nothing is applied twice.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), waybill::Error> {
+    /// use waybill::{Completion, NewTransfer, Store};
+    /// let dir = tempfile::tempdir().expect("tempdir");
+    /// let store = Store::open(dir.path())?;
+    /// let id = store.create(NewTransfer::download("https://example.com/f"))?;
+    /// assert!(matches!(store.complete(id, Some(200))?, Completion::Won(_)));
+    /// assert!(matches!(store.complete(id, Some(200))?, Completion::Lost(_)));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn complete(&self, id: TransferId, status: Option<u16>) -> Result<Completion> {
+        self.modify(id, "complete", |_, s, _| {
+            if s.phase.is_terminal() {
+                return Ok((
+                    Completion::Lost(s.outcome.clone().unwrap_or(Outcome::Cancelled)),
+                    false,
+                ));
+            }
+            let o = Outcome::Succeeded { status };
+            s.phase = Phase::Completed;
+            s.outcome = Some(o.clone());
+            s.next_attempt = None;
+            Ok((Completion::Won(o), true))
+        })
+    }
+
+    /// Records a failed attempt. A permanent error gives up at once; otherwise one failure is
+    /// counted and the answer is a retry time (the backoff, or the server's retry-after) or
+    /// [`FailResult::GaveUp`] once the retry policy's `max_attempts` failures are reached.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn fail(&self, id: TransferId, class: ErrorClass, error: &str) -> Result<FailResult> {
+        let now = self.now();
+        self.modify(id, "fail", |m, s, _| {
+            if s.phase.is_terminal() {
+                let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
+                return Ok((FailResult::AlreadyEnded(o), false));
+            }
+            let error = truncate_text(error);
+            s.last_error = Some(error.clone());
+            s.binding = None;
+            let give_up = |s: &mut State, reason| {
+                s.phase = Phase::Failed;
+                s.next_attempt = None;
+                s.outcome = Some(Outcome::Failed {
+                    reason,
+                    error: error.clone(),
+                });
+                Ok((FailResult::GaveUp, true))
+            };
+            if class == ErrorClass::Permanent {
+                return give_up(s, FailReason::Permanent);
+            }
+            s.failures = s.failures.saturating_add(1);
+            if s.failures >= m.retry.max_attempts {
+                return give_up(s, FailReason::GaveUp);
+            }
+            let at = match class {
+                ErrorClass::RetryAfter(t) => t,
+                _ => now + m.retry.backoff(s.failures),
+            };
+            let at = format::from_ms(format::to_ms(at));
+            s.phase = Phase::WaitingToRetry;
+            s.next_attempt = Some(at);
+            Ok((FailResult::RetryAt(at), true))
+        })
+    }
+
+    /// The platform lost the task, or the user's force-quit cancelled it: not a failure. The
+    /// binding is cleared and the transfer waits to be recreated; no failure is counted.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn task_lost(&self, id: TransferId) -> Result<()> {
+        self.modify(id, "task lost", |_, s, _| {
+            if s.phase.is_terminal() || s.binding.is_none() && s.phase != Phase::Running {
+                return Ok(((), false));
+            }
+            s.binding = None;
+            if s.phase == Phase::Running {
+                s.phase = Phase::Pending;
+            }
+            Ok(((), true))
+        })
+    }
+
+    /// Replaces the request to run from now on (a fresh pre-signed URL, new headers). Secret
+    /// header values are not stored.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a bad request or one too large for a state slot.
+    pub fn replace_request(&self, id: TransferId, request: Request) -> Result<()> {
+        check_request(&request)?;
+        self.modify(id, "replace request", |_, s, _| {
+            let mut r = request;
+            for h in &mut r.headers {
+                if h.secret {
+                    h.value.clear();
+                }
+            }
+            s.current_request = Some(r);
+            Ok(((), true))
+        })
+    }
+
+    /// Cancels a transfer. The answer carries the bound task, which the caller cancels on the
+    /// platform. The record stays (phase cancelled) until it is purged by
+    /// [`Store::acknowledge`] or [`Store::remove`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn cancel(&self, id: TransferId) -> Result<CancelResult> {
+        self.modify(id, "cancel", |_, s, _| {
+            if s.phase.is_terminal() {
+                let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
+                return Ok((CancelResult::AlreadyEnded(o), false));
+            }
+            s.phase = Phase::Cancelled;
+            s.outcome = Some(Outcome::Cancelled);
+            s.next_attempt = None;
+            Ok((
+                CancelResult::Cancelled {
+                    task: s.binding.clone(),
+                },
+                true,
+            ))
+        })
+    }
+
+    /// The app has handled the outcome of an ended transfer: its directory and payload are
+    /// purged, and its outcome stays counted in its group.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] when the transfer has not ended; [`ErrorKind::NotFound`].
+    pub fn acknowledge(&self, id: TransferId) -> Result<()> {
+        self.purge(id, true)
+    }
+
+    /// Removes a transfer in any phase (a member that had not ended counts as cancelled in its
+    /// group). Renamed into `trash/` and synced first, so it never reappears.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn remove(&self, id: TransferId) -> Result<()> {
+        self.purge(id, false)
+    }
+
+    fn purge(&self, id: TransferId, require_ended: bool) -> Result<()> {
+        self.modify(id, "purge", |m, s, _| {
+            if require_ended && !s.phase.is_terminal() {
+                return Err(Error::invalid(format!(
+                    "transfer {id} has not ended ({}); only an outcome can be acknowledged",
+                    s.phase
+                )));
+            }
+            if let Some(g) = &m.group {
+                let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
+                self.tally(g, id, &o, s.bytes_done.max(m.payload.len()))?;
+            }
+            self.move_to_trash(id)?;
+            Ok(((), false))
+        })?;
+        self.forget(id);
+        let trashed = self.dir(TRASH).join(id.to_string());
+        if let Err(e) = self.fs.remove_tree(&trashed) {
+            // The removal is already durable; `open` finishes clearing the trash.
+            tracing::warn!(transfer = %id, error = %e, "left a removed transfer in trash");
+        }
+        tracing::debug!(transfer = %id, "purged");
+        Ok(())
+    }
+
+    /// Renames the transfer's directory into `trash/` and syncs `transfers/`.
+    fn move_to_trash(&self, id: TransferId) -> Result<()> {
+        let from = self.transfer_dir(id);
+        let to = self.dir(TRASH).join(id.to_string());
+        self.fs.rename(&from, &to)?;
+        self.fs.sync_dir(&self.dir(TRANSFERS))
+    }
+
+    fn forget(&self, id: TransferId) {
+        lock(&self.manifests).remove(&id);
+        lock(&self.pending).remove(&id);
+        let mut idx = lock(&self.index);
+        idx.by_task.retain(|_, v| *v != id);
+        idx.by_tag.retain(|_, v| *v != id);
+    }
+
+    /// Moves a transfer aside into `quarantine/` (used when its manifest fails its checks).
+    /// Nothing is deleted.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; I/O errors.
+    pub fn quarantine(&self, id: TransferId) -> Result<PathBuf> {
+        self.fs.check()?;
+        let from = self.transfer_dir(id);
+        if self.fs.lstat(&from).is_err() {
+            return Err(Error::not_found(format!("transfer {id}")));
+        }
+        let to = self.dir(QUARANTINE).join(id.to_string());
+        self.fs.rename(&from, &to)?;
+        self.fs.sync_dir(&self.dir(QUARANTINE))?;
+        self.fs.sync_dir(&self.dir(TRANSFERS))?;
+        self.forget(id);
+        tracing::warn!(transfer = %id, to = %to.display(), "quarantined");
+        Ok(to)
+    }
+
+    /// Reads every record under `transfers/`: readable transfers, corrupt ones, and entries
+    /// that are not transfers. Never reads payloads.
+    ///
+    /// # Errors
+    /// I/O errors other than a damaged record (those are listed in [`Scan::corrupt`]);
+    /// [`ErrorKind::Unavailable`] while the files cannot be read.
+    pub fn scan(&self) -> Result<Scan> {
+        self.fs.check()?;
+        let dir = self.dir(TRANSFERS);
+        let mut out = Scan::default();
+        for e in self.fs.list(&dir)? {
+            let id = e.name.to_str().and_then(TransferId::parse_canonical);
+            let Some(id) = id.filter(|_| e.is_dir && !e.is_symlink) else {
+                out.unknown.push(dir.join(&e.name));
+                continue;
+            };
+            let manifest = match self.manifest(id) {
+                Ok(m) => m,
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => continue,
+                Err(e)
+                    if e.is_corrupt()
+                        || matches!(e.kind(), ErrorKind::UnsupportedVersion { .. }) =>
+                {
+                    out.corrupt.push((id, e));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match self.read_state(id) {
+                Ok(state) => out.transfers.push(Transfer {
+                    manifest: (*manifest).clone(),
+                    state,
+                }),
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
+                Err(e) if e.is_corrupt() => out.corrupt.push((id, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lists transfers matching `filter`, in id order, without reading payloads. Corrupt
+    /// records are skipped (see [`Store::scan`]).
+    ///
+    /// # Errors
+    /// As [`Store::scan`].
+    pub fn list(&self, filter: &Filter) -> Result<Vec<Transfer>> {
+        let mut v = self.scan()?.transfers;
+        v.retain(|t| filter.matches(t));
+        Ok(v)
+    }
+
+    /// Outcomes (succeeded, or failed for good) that wait for [`Store::acknowledge`].
+    ///
+    /// # Errors
+    /// As [`Store::scan`].
+    pub fn pending_outcomes(&self) -> Result<Vec<(TransferId, Outcome)>> {
+        Ok(self
+            .scan()?
+            .transfers
+            .into_iter()
+            .filter(|t| matches!(t.state.phase, Phase::Completed | Phase::Failed))
+            .filter_map(|t| t.state.outcome.clone().map(|o| (t.id(), o)))
+            .collect())
+    }
+
+    fn rebuild_index(&self) -> Result<Vec<Transfer>> {
+        let all = self.scan()?.transfers;
+        let mut idx = TaskIndex::default();
+        for t in &all {
+            if let Some(b) = &t.state.binding {
+                idx.by_task.insert((b.session.clone(), b.task_id), t.id());
+                if let Some(tag) = &b.tag {
+                    idx.by_tag.insert(tag.clone(), t.id());
+                }
+            }
+        }
+        *lock(&self.index) = idx;
+        Ok(all)
+    }
+
+    fn lookup(
+        &self,
+        key: impl Fn(&TaskIndex) -> Option<TransferId>,
+        accept: impl Fn(&Transfer) -> bool,
+    ) -> Result<Option<Transfer>> {
+        self.fs.check()?;
+        let hit = key(&lock(&self.index));
+        if let Some(id) = hit {
+            match self.get(id) {
+                Ok(t) if accept(&t) => return Ok(Some(t)),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // A miss or a stale hit: another process may have bound the task. Rescan.
+        Ok(self.rebuild_index()?.into_iter().find(|t| accept(t)))
+    }
+
+    /// The transfer bound to `(session, task_id)`, as a platform callback needs on every event.
+    ///
+    /// # Errors
+    /// As [`Store::scan`].
+    pub fn find_by_task(&self, session: &str, task_id: u64) -> Result<Option<Transfer>> {
+        let key = (session.to_owned(), task_id);
+        self.lookup(
+            |i| i.by_task.get(&key).copied(),
+            |t| {
+                t.state
+                    .binding
+                    .as_ref()
+                    .is_some_and(|b| b.session == session && b.task_id == task_id)
+            },
+        )
+    }
+
+    /// The transfer whose bound task carries `tag`, or, when no binding records it, the
+    /// transfer whose id is `tag`.
+    ///
+    /// # Errors
+    /// As [`Store::scan`].
+    pub fn find_by_tag(&self, tag: &str) -> Result<Option<Transfer>> {
+        let by_binding =
+            |t: &Transfer| t.state.binding.as_ref().and_then(|b| b.tag.as_deref()) == Some(tag);
+        if let Some(t) = self.lookup(|i| i.by_tag.get(tag).copied(), by_binding)? {
+            return Ok(Some(t));
+        }
+        match TransferId::parse_canonical(tag).map(|id| self.get(id)) {
+            Some(Ok(t)) => Ok(Some(t)),
+            Some(Err(e)) if !matches!(e.kind(), ErrorKind::NotFound { .. }) => Err(e),
+            _ => Ok(None),
+        }
+    }
+
+    /// Appends bytes a download received to its `partial` file, durably: the data is synced
+    /// before the durable length is recorded. Returns the new durable length. Bytes past the
+    /// durable length (from a crash mid-append) are discarded first.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for an upload or an ended transfer; I/O errors.
+    pub fn append_received(&self, id: TransferId, bytes: &[u8]) -> Result<u64> {
+        self.modify(id, "append received", |m, s, dir| {
+            if m.kind != Kind::Download || s.phase.is_terminal() {
+                return Err(Error::invalid(format!(
+                    "transfer {id} is not a download in progress"
+                )));
+            }
+            let path = dir.join(PARTIAL);
+            let (f, created) = self.fs.open_or_create(&path)?;
+            self.fs.set_len(&f, &path, s.partial_len)?;
+            self.fs.write_at(&f, &path, s.partial_len, bytes)?;
+            self.fs.sync_data(&f, &path)?;
+            if created {
+                self.fs.sync_dir(dir)?;
+            }
+            s.partial_len += bytes.len() as u64;
+            s.bytes_done = s.partial_len;
+            Ok((s.partial_len, true))
+        })
+    }
+
+    /// Stores a download's resume data, replacing any earlier copy atomically.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for an upload or data over [`MAX_RESUME_BYTES`].
+    pub fn store_resume_data(&self, id: TransferId, data: &[u8]) -> Result<()> {
+        if data.len() as u64 > MAX_RESUME_BYTES {
+            return Err(Error::invalid(format!(
+                "resume data is {} bytes; the limit is {MAX_RESUME_BYTES}",
+                data.len()
+            )));
+        }
+        self.modify(id, "store resume data", |m, _, dir| {
+            if m.kind != Kind::Download {
+                return Err(Error::invalid(format!("transfer {id} is not a download")));
+            }
+            let tmp = dir.join("resume.tmp");
+            let f = self.fs.create_truncate(&tmp)?;
+            self.fs.write_all(&f, &tmp, data)?;
+            self.fs.sync_data(&f, &tmp)?;
+            self.fs.rename(&tmp, &dir.join(RESUME))?;
+            self.fs.sync_dir(dir)?;
+            Ok(((), false))
+        })
+    }
+
+    /// The resume data stored for a download, if any.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown transfer; I/O errors.
+    pub fn resume_data(&self, id: TransferId) -> Result<Option<Vec<u8>>> {
+        self.fs.check()?;
+        self.manifest(id)?;
+        let path = self.transfer_dir(id).join(RESUME);
+        match self.fs.read_bounded(&path, MAX_RESUME_BYTES) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.is_not_found_io() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves a finished download into the transfer's directory before returning (a rename, or
+    /// a synced copy across file systems, after which the source is removed).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for an upload, a cancelled transfer or a source that is
+    /// not a regular file; I/O errors.
+    pub fn accept_download(&self, id: TransferId, file: &Path) -> Result<()> {
+        let meta = self.fs.lstat(file)?;
+        if !meta.is_file() {
+            return Err(Error::invalid(format!(
+                "{} is not a regular file",
+                file.display()
+            )));
+        }
+        self.modify(id, "accept download", |m, s, dir| {
+            if m.kind != Kind::Download || s.phase == Phase::Cancelled {
+                return Err(Error::invalid(format!(
+                    "transfer {id} is not a download that can accept a file"
+                )));
+            }
+            let dst = dir.join(PAYLOAD);
+            match self.fs.rename(file, &dst) {
+                Ok(()) => {}
+                Err(e) if wfs::is_cross_device(&e) => {
+                    let tmp = dir.join("payload.tmp");
+                    self.fs.remove_file(&tmp)?;
+                    let (_, f) = self.fs.link_or_copy(file, &tmp, false, true)?;
+                    self.fs.sync_data(&f, &tmp)?;
+                    self.fs.rename(&tmp, &dst)?;
+                    self.fs.sync_dir(dir)?;
+                    self.fs.remove_file(file)?;
+                }
+                Err(e) => return Err(e),
+            }
+            self.fs.sync_dir(dir)?;
+            let len = self.fs.lstat(&dst)?.len();
+            s.downloaded = true;
+            s.bytes_done = len;
+            s.bytes_total = Some(len);
+            for leftover in [PARTIAL, RESUME] {
+                self.fs.remove_file(&dir.join(leftover))?;
+            }
+            Ok(((), true))
+        })
+    }
+
+    /// Where the payload lives: the upload body, or a download's accepted file.
+    pub fn payload_path(&self, id: TransferId) -> PathBuf {
+        self.transfer_dir(id).join(PAYLOAD)
+    }
+
+    /// Opens the payload for reading after checking it is the one recorded: for a linked
+    /// upload the same device, inode, size and modification time; for a copy or written
+    /// bytes the same size.
+    ///
+    /// # Errors
+    /// [`ErrorKind::PayloadChanged`] when it differs; [`ErrorKind::NotFound`] when there is
+    /// none (a download not yet accepted).
+    pub fn open_payload(&self, id: TransferId) -> Result<File> {
+        self.fs.check()?;
+        let m = self.manifest(id)?;
+        let path = self.payload_path(id);
+        let f = match self.fs.open_read(&path) {
+            Err(e) if e.is_not_found_io() => {
+                return Err(Error::not_found(format!("the payload of transfer {id}")));
+            }
+            r => r?,
+        };
+        let (dev, ino, len, mtime_ns) = wfs::identity(&f, &path)?;
+        let changed = |detail: String| -> Result<File> {
+            Err(ErrorKind::PayloadChanged { id, detail }.into())
+        };
+        match m.payload {
+            PayloadFacts::Linked {
+                len: l,
+                dev: d,
+                ino: i,
+                mtime_ns: t,
+            } => {
+                if (d, i) != (dev, ino) {
+                    return changed(format!("file identity {dev}:{ino}, recorded {d}:{i}"));
+                }
+                if l != len || t != mtime_ns {
+                    return changed(format!(
+                        "size {len} and mtime {mtime_ns} ns, recorded {l} and {t} ns"
+                    ));
+                }
+            }
+            PayloadFacts::Written { len: l } | PayloadFacts::Copied { len: l } if l != len => {
+                return changed(format!("size {len}, recorded {l}"));
+            }
+            _ => {}
+        }
+        Ok(f)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "coalesced progress not flushed at close");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Store>();
+    }
+
+    #[test]
+    fn error_text_is_cut_at_a_char_boundary() {
+        let s = "é".repeat(MAX_ERROR_BYTES);
+        let t = truncate_text(&s);
+        assert!(t.len() <= MAX_ERROR_BYTES && t.chars().all(|c| c == 'é'));
+    }
+}
