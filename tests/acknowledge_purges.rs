@@ -1,6 +1,11 @@
 //! Acknowledging an outcome leaves no file of the transfer behind, a purged transfer never
 //! reappears, and group counts stay right after members are purged.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use common::{TempStore, TestResult};

@@ -1,6 +1,11 @@
 //! Everything a create records survives dropping the handle and reopening the store, and the
 //! store holds nothing that depends on its absolute path.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use std::time::{Duration, UNIX_EPOCH};

@@ -1,6 +1,11 @@
 //! A platform callback finds its transfer by (session, task id) or by tag, also when another
 //! handle (another process) made the binding, and never through a stale binding.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use common::{TempStore, TestResult};

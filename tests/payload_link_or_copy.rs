@@ -2,6 +2,11 @@
 //! systems or when asked, and a linked source that changes afterwards is reported as a typed
 //! error instead of uploading different bytes.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

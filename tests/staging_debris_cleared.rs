@@ -1,6 +1,11 @@
 //! Opening the store clears staging and trash debris that no live process owns, and never a
 //! directory whose builder still holds its lock.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use std::time::Duration;

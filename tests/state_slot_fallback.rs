@@ -1,6 +1,11 @@
 //! A torn or damaged newest state slot reads as the previous one; when both slots fail their
 //! checks the state is rebuilt from the manifest and flagged, never guessed at.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use std::os::unix::fs::FileExt;

@@ -3,6 +3,11 @@
 //!
 //! The helper processes are this test binary run again with `WAYBILL_HELPER` set.
 
+#![allow(
+    clippy::indexing_slicing,
+    reason = "tests index data they built; a panic there is a test failure"
+)]
+
 mod common;
 
 use std::collections::HashMap;
