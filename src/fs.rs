@@ -436,6 +436,21 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_sync_poisons_until_reopened() -> Result<()> {
+        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
+        let fs = Fs::default();
+        fs.check()?;
+        // Syncing a directory that does not exist fails to open it: not a sync failure.
+        assert!(fs.sync_dir(&d.path().join("missing")).is_err());
+        fs.check()?;
+        fs.poison(&Error::io("sync", d.path(), io::Error::other("injected")));
+        let err = fs.check().expect_err("poisoned");
+        assert!(matches!(err.kind(), ErrorKind::Poisoned { cause } if cause.contains("injected")));
+        assert!(err.to_string().contains("reopen"));
+        Ok(())
+    }
+
+    #[test]
     fn symlinks_are_never_opened() -> Result<()> {
         let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
         let target = d.path().join("target");

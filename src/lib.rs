@@ -69,3 +69,8 @@ pub use transfer::{
     UploadSource,
 };
 pub use value::{MAX_METADATA_BYTES, MAX_METADATA_DEPTH, Value};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

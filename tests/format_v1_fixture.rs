@@ -72,9 +72,16 @@ fn v1_fixture_store_opens_and_reads_back() -> TestResult {
     assert_eq!(a.state.bytes_done, 5);
     assert_eq!(
         a.state.binding,
-        Some(TaskBinding { session: "bg".into(), task_id: 7, tag: Some("t-7".into()) })
+        Some(TaskBinding {
+            session: "bg".into(),
+            task_id: 7,
+            tag: Some("t-7".into())
+        })
     );
-    assert_eq!(std::fs::read(store.payload_path(a.id()))?, b"fixture payload");
+    assert_eq!(
+        std::fs::read(store.payload_path(a.id()))?,
+        b"fixture payload"
+    );
     assert!(store.open_payload(a.id()).is_ok());
 
     let b = by_name(&all, "partial-download");
@@ -82,8 +89,17 @@ fn v1_fixture_store_opens_and_reads_back() -> TestResult {
     assert_eq!(store.resume_data(b.id())?.as_deref(), Some(&b"RD"[..]));
 
     let c = by_name(&all, "completed");
-    assert_eq!(c.state.outcome, Some(Outcome::Succeeded { status: Some(200) }));
-    assert_eq!(store.pending_outcomes()?, vec![(c.id(), c.state.outcome.clone().unwrap_or(Outcome::Cancelled))]);
+    assert_eq!(
+        c.state.outcome,
+        Some(Outcome::Succeeded { status: Some(200) })
+    );
+    assert_eq!(
+        store.pending_outcomes()?,
+        vec![(
+            c.id(),
+            c.state.outcome.clone().unwrap_or(Outcome::Cancelled)
+        )]
+    );
 
     let e = by_name(&all, "retrying-copy");
     assert_eq!(e.manifest.payload, PayloadFacts::Copied { len: 4 });
@@ -109,21 +125,33 @@ fn regenerate_v1_fixture() -> TestResult {
         .clock(|| UNIX_EPOCH + Duration::from_millis(CREATED_MS))
         .open(&root)?;
     let a = store.create(
-        NewTransfer::upload("https://example.com/a", UploadSource::Bytes(b"fixture payload".to_vec()))
-            .session("bg")
-            .secret_header("Authorization", "Bearer never-stored")
-            .group("g")
-            .meta("name", "written-upload")
-            .meta("n", 42i64),
+        NewTransfer::upload(
+            "https://example.com/a",
+            UploadSource::Bytes(b"fixture payload".to_vec()),
+        )
+        .session("bg")
+        .secret_header("Authorization", "Bearer never-stored")
+        .group("g")
+        .meta("name", "written-upload")
+        .meta("n", 42i64),
     )?;
-    store.bind(a, TaskBinding { session: "bg".into(), task_id: 7, tag: Some("t-7".into()) })?;
+    store.bind(
+        a,
+        TaskBinding {
+            session: "bg".into(),
+            task_id: 7,
+            tag: Some("t-7".into()),
+        },
+    )?;
     store.progress(a, 5, Some(15), Durability::Immediate)?;
 
-    let b = store.create(NewTransfer::download("https://example.com/b").meta("name", "partial-download"))?;
+    let b = store
+        .create(NewTransfer::download("https://example.com/b").meta("name", "partial-download"))?;
     store.append_received(b, b"abc")?;
     store.store_resume_data(b, b"RD")?;
 
-    let c = store.create(NewTransfer::download("https://example.com/c").meta("name", "completed"))?;
+    let c =
+        store.create(NewTransfer::download("https://example.com/c").meta("name", "completed"))?;
     store.complete(c, Some(200))?;
 
     let d = store.create(
@@ -137,8 +165,14 @@ fn regenerate_v1_fixture() -> TestResult {
     let src = root.join("..").join("e.src");
     std::fs::write(&src, b"eeee")?;
     let e = store.create(
-        NewTransfer::upload("https://example.com/e", UploadSource::File { path: src.clone(), link: LinkMode::Copy })
-            .meta("name", "retrying-copy"),
+        NewTransfer::upload(
+            "https://example.com/e",
+            UploadSource::File {
+                path: src.clone(),
+                link: LinkMode::Copy,
+            },
+        )
+        .meta("name", "retrying-copy"),
     )?;
     std::fs::remove_file(src)?;
     store.fail(e, ErrorClass::Transient, "connection reset")?;
