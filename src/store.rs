@@ -784,10 +784,14 @@ impl Store {
         let slots = state_fmt::decode_file(bytes);
         match state_fmt::newest_or_corrupt(path, &slots) {
             Ok((i, slot)) => {
-                if let Some(Err(c)) = slots.slot.get(1 - i)
-                    && slot.seq > 1
+                // Slot 1 of a new transfer was never written (the file ends before it); any
+                // other invalid slot is a torn or damaged write that we just read past.
+                let other = 1 - i;
+                let written = bytes.len() > other * state_fmt::SLOT_CAPACITY;
+                if let Some(Err(c)) = slots.slot.get(other)
+                    && written
                 {
-                    tracing::debug!(transfer = %id, slot = 1 - i, reason = %c, "older state slot invalid");
+                    tracing::warn!(transfer = %id, slot = other, reason = %c, "state slot fallback: using the other slot");
                 }
                 (slot.state, Some((i, slot.seq)))
             }
@@ -824,6 +828,7 @@ impl Store {
     /// state never does: it is rebuilt and flagged), I/O errors.
     pub fn get(&self, id: TransferId) -> Result<Transfer> {
         self.fs.check()?;
+        tracing::debug!(transfer = %id, "get");
         let manifest = self.manifest(id)?;
         let state = self.read_state(id)?;
         Ok(Transfer {
@@ -1233,6 +1238,7 @@ impl Store {
         self.fs.check()?;
         let dir = self.dir(TRANSFERS);
         let mut out = Scan::default();
+        tracing::debug!("scan");
         for e in self.fs.list(&dir)? {
             let id = e.name.to_str().and_then(TransferId::parse_canonical);
             let Some(id) = id.filter(|_| e.is_dir && !e.is_symlink) else {
