@@ -138,7 +138,7 @@ impl Store {
         let d = self.ensure_group_dir(group)?;
         let path = d.join(PURGED);
         let (f, created) = self.fs.open_or_create(&path)?;
-        self.fs.lock(&f, &path, std::time::Duration::from_secs(5))?;
+        self.fs.lock(&f, &path, self.lock_timeout())?;
         let len = f.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
         // Append at a record boundary: a torn last record is overwritten.
         let at = len - len % TALLY_RECORD_LEN as u64;

@@ -114,7 +114,8 @@ pub struct OpenReport {
     pub created: bool,
     /// Staging directories cleared (debris of creates that never finished).
     pub staging_cleared: Vec<String>,
-    /// Staging directories left alone because a live process holds them.
+    /// Staging directories left alone: held by a live builder, or younger than the staging
+    /// grace (cleared by a later open if their builder is gone).
     pub staging_live: Vec<String>,
     /// Trash entries removed (interrupted removals).
     pub trash_cleared: Vec<String>,
@@ -368,6 +369,10 @@ impl Store {
         self.root.join(TRANSFERS).join(id.to_string())
     }
 
+    pub(crate) fn lock_timeout(&self) -> Duration {
+        self.cfg.lock_timeout
+    }
+
     pub(crate) fn now(&self) -> SystemTime {
         (self.cfg.clock)()
     }
@@ -471,6 +476,13 @@ impl Store {
         }
         if !cleared.is_empty() {
             self.fs.sync_dir(&staging)?;
+        }
+        // A `FORMAT` being created by a process that died before its rename.
+        for e in self.fs.list(&self.root)? {
+            let name = e.name.to_string_lossy();
+            if name.starts_with("FORMAT.tmp-") && !e.is_dir {
+                self.fs.remove_file(&self.root.join(&e.name))?;
+            }
         }
         let trash = self.dir(TRASH);
         let mut trashed = Vec::new();
@@ -726,26 +738,7 @@ impl Store {
         if let Some(m) = lock(&self.manifests).get(&id) {
             return Ok(Arc::clone(m));
         }
-        let dir = self.transfer_dir(id);
-        let meta = match self.fs.lstat(&dir) {
-            Ok(m) => m,
-            Err(e) if e.is_not_found_io() => {
-                return Err(Error::not_found(format!("transfer {id}")));
-            }
-            Err(e) => return Err(e),
-        };
-        if !meta.is_dir() {
-            return Err(Error::corrupt(
-                &dir,
-                Corruption::WrongType {
-                    found: if meta.is_symlink() {
-                        "symbolic link".into()
-                    } else {
-                        "not a directory".into()
-                    },
-                },
-            ));
-        }
+        let dir = self.checked_dir(id)?;
         let path = dir.join(MANIFEST);
         let bytes = match self.fs.read_bounded(&path, manifest::MAX_FILE) {
             Err(e) if e.is_not_found_io() => {
@@ -804,18 +797,37 @@ impl Store {
         }
     }
 
-    fn read_state(&self, id: TransferId) -> Result<State> {
+    /// The transfer's directory, checked to be a real directory (never followed through a
+    /// symlink). A missing directory is `NotFound` and evicts the cached manifest.
+    fn checked_dir(&self, id: TransferId) -> Result<PathBuf> {
         let dir = self.transfer_dir(id);
+        match self.fs.lstat(&dir) {
+            Ok(m) if m.is_dir() => Ok(dir),
+            Ok(m) => Err(Error::corrupt(
+                &dir,
+                Corruption::WrongType {
+                    found: if m.is_symlink() {
+                        "symbolic link".into()
+                    } else {
+                        "not a directory".into()
+                    },
+                },
+            )),
+            Err(e) if e.is_not_found_io() => {
+                lock(&self.manifests).remove(&id);
+                Err(Error::not_found(format!("transfer {id}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_state(&self, id: TransferId) -> Result<State> {
+        let dir = self.checked_dir(id)?;
         let path = dir.join(STATE);
         let bytes = match self.fs.open_read(&path) {
             Ok(f) => self.fs.read_prefix(&f, &path, state_fmt::MAX_FILE)?,
-            Err(e) if e.is_not_found_io() => {
-                if self.fs.lstat(&dir).is_err() {
-                    lock(&self.manifests).remove(&id);
-                    return Err(Error::not_found(format!("transfer {id}")));
-                }
-                Vec::new()
-            }
+            // The directory exists (checked above): a missing state is rebuilt.
+            Err(e) if e.is_not_found_io() => Vec::new(),
             Err(e) => return Err(e),
         };
         Ok(self.decode_state(id, &path, &bytes).0)
@@ -848,24 +860,18 @@ impl Store {
     ) -> Result<R> {
         self.fs.check()?;
         let manifest = self.manifest(id)?;
-        let dir = self.transfer_dir(id);
+        let dir = self.checked_dir(id)?;
         let path = dir.join(STATE);
         let (file, created) = match self.fs.open_rw(&path) {
             Ok(f) => (f, false),
-            Err(e) if e.is_not_found_io() => {
-                if self.fs.lstat(&dir).is_err() {
-                    lock(&self.manifests).remove(&id);
-                    return Err(Error::not_found(format!("transfer {id}")));
-                }
-                self.fs.open_or_create(&path)?
-            }
+            Err(e) if e.is_not_found_io() => self.fs.open_or_create(&path)?,
             Err(e) => return Err(e),
         };
         self.fs.lock(&file, &path, self.cfg.lock_timeout)?;
         let bytes = self.fs.read_prefix(&file, &path, state_fmt::MAX_FILE)?;
         let (mut state, newest) = self.decode_state(id, &path, &bytes);
         let pending = lock(&self.pending).get(&id).copied().filter(|p| p.dirty);
-        let mut changed = newest.is_none();
+        let mut changed = false;
         if let Some(p) = pending
             && !state.phase.is_terminal()
             && (p.done, p.total) != (state.bytes_done, state.bytes_total)
@@ -962,6 +968,7 @@ impl Store {
                 Ok(((), true))
             }),
             crate::Durability::Coalesced => {
+                self.fs.check()?;
                 let due = {
                     let mut g = lock(&self.pending);
                     if !g.contains_key(&id) {
@@ -1168,6 +1175,8 @@ impl Store {
     }
 
     fn purge(&self, id: TransferId, require_ended: bool) -> Result<()> {
+        // Progress not yet written is moot for a transfer about to disappear.
+        lock(&self.pending).remove(&id);
         self.modify(id, "purge", |m, s, _| {
             if require_ended && !s.phase.is_terminal() {
                 return Err(Error::invalid(format!(
@@ -1460,7 +1469,6 @@ impl Store {
                     let (_, f) = self.fs.link_or_copy(file, &tmp, false, true)?;
                     self.fs.sync_data(&f, &tmp)?;
                     self.fs.rename(&tmp, &dst)?;
-                    self.fs.sync_dir(dir)?;
                     self.fs.remove_file(file)?;
                 }
                 Err(e) => return Err(e),

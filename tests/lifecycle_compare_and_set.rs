@@ -239,3 +239,34 @@ fn coalesced_progress_is_written_at_most_once_per_interval() -> TestResult {
     assert_eq!(store.get(id)?.state.bytes_done, 1600);
     Ok(())
 }
+
+#[test]
+fn threads_sharing_one_handle_lose_no_update() -> TestResult {
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let id = store.create(
+        NewTransfer::download("https://example.com/a").retry(RetryPolicy {
+            max_attempts: u32::MAX,
+            ..RetryPolicy::default()
+        }),
+    )?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| -> waybill::Result<()> {
+                    for _ in 0..100 {
+                        store.fail(id, ErrorClass::Transient, "count")?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| "thread panicked")?
+                .map_err(|e| e.to_string())
+        })
+    })?;
+    assert_eq!(store.get(id)?.state.failures, 400);
+    Ok(())
+}
