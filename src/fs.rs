@@ -363,6 +363,20 @@ impl Fs {
         }
     }
 
+    /// True when `path` still names the same file as the open handle `f` (a rename or unlink
+    /// by another process makes it false).
+    pub(crate) fn still_at(&self, f: &File, path: &Path) -> Result<bool> {
+        let (dev, ino, _, _) = identity(f, path)?;
+        match fs::symlink_metadata(path) {
+            #[cfg(unix)]
+            Ok(m) => Ok(m.dev() == dev && m.ino() == ino),
+            #[cfg(not(unix))]
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", path, e)),
+        }
+    }
+
     /// Tries an exclusive advisory lock once. Returns false if another handle holds it.
     pub(crate) fn try_lock(&self, f: &File, path: &Path) -> Result<bool> {
         match f.try_lock() {

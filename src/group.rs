@@ -193,16 +193,17 @@ impl Store {
                 Some(o) if t.state.phase.is_terminal() => count(outcome_code(o)),
                 _ => g.active += 1,
             }
-            g.bytes_done += t.state.bytes_done;
-            g.bytes_total += t
-                .state
-                .bytes_total
-                .unwrap_or_else(|| t.manifest.payload.len());
+            g.bytes_done = g.bytes_done.saturating_add(t.state.bytes_done);
+            g.bytes_total = g.bytes_total.saturating_add(
+                t.state
+                    .bytes_total
+                    .unwrap_or_else(|| t.manifest.payload.len()),
+            );
         }
         for (code, bytes) in tallied.values() {
             count(*code);
-            g.bytes_done += bytes;
-            g.bytes_total += bytes;
+            g.bytes_done = g.bytes_done.saturating_add(*bytes);
+            g.bytes_total = g.bytes_total.saturating_add(*bytes);
         }
         g.total = g.active + g.succeeded + g.failed + g.cancelled;
         if g.total == 0 {

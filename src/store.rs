@@ -436,7 +436,6 @@ impl Store {
     /// Clears `staging/` debris that no live process owns, and interrupted removals in `trash/`.
     fn clear_debris(&mut self) -> Result<()> {
         let staging = self.dir(STAGING);
-        let now = SystemTime::now();
         let mut cleared = Vec::new();
         let mut live = Vec::new();
         for e in self.fs.list(&staging)? {
@@ -446,42 +445,33 @@ impl Store {
                 tracing::warn!(path = %path.display(), "unexpected entry in staging left alone");
                 continue;
             }
-            let state_path = path.join(STATE);
-            // Hold the builder's lock (if we can take it) while deleting, so no builder can
-            // resume in a directory being removed.
-            let _held = match self.fs.open_read(&state_path) {
-                Ok(f) => {
-                    if !self.fs.try_lock(&f, &state_path)? {
-                        live.push(name);
-                        continue;
-                    }
-                    Some(f)
+            // Another process's work (a builder renaming, another cleaner) can make any step
+            // fail; one entry never makes `open` fail.
+            match self.clear_staged(&path) {
+                Ok(true) => {
+                    tracing::warn!(transfer = %name, "cleared staging debris of an unfinished create");
+                    cleared.push(name);
                 }
-                Err(_) => None,
-            };
-            let age = self
-                .fs
-                .lstat(&path)?
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .unwrap_or(Duration::ZERO);
-            if age < self.cfg.staging_grace {
-                live.push(name);
-                continue;
+                Ok(false) => live.push(name),
+                Err(e) if e.is_not_found_io() => {}
+                Err(e) => {
+                    tracing::warn!(transfer = %name, error = %e, "could not clear staging debris")
+                }
             }
-            self.fs.remove_tree(&path)?;
-            tracing::warn!(transfer = %name, "cleared staging debris of an unfinished create");
-            cleared.push(name);
         }
         if !cleared.is_empty() {
             self.fs.sync_dir(&staging)?;
         }
-        // A `FORMAT` being created by a process that died before its rename.
+        // A `FORMAT` being created by a process that died before its rename (young ones may
+        // belong to a process creating the store right now).
         for e in self.fs.list(&self.root)? {
-            let name = e.name.to_string_lossy();
-            if name.starts_with("FORMAT.tmp-") && !e.is_dir {
-                self.fs.remove_file(&self.root.join(&e.name))?;
+            let path = self.root.join(&e.name);
+            if e.name.to_string_lossy().starts_with("FORMAT.tmp-")
+                && !e.is_dir
+                && self.older_than_grace(&path).unwrap_or(false)
+                && let Err(e) = self.fs.remove_file(&path)
+            {
+                tracing::warn!(error = %e, "could not remove a FORMAT leftover");
             }
         }
         let trash = self.dir(TRASH);
@@ -492,17 +482,50 @@ impl Store {
                 tracing::warn!(entry = %name, "unexpected entry in trash left alone");
                 continue;
             }
-            self.fs.remove_tree(&trash.join(&e.name))?;
-            tracing::warn!(transfer = %name, "finished an interrupted removal");
-            trashed.push(name);
-        }
-        if !trashed.is_empty() {
-            self.fs.sync_dir(&trash)?;
+            match self.fs.remove_tree(&trash.join(&e.name)) {
+                Ok(()) => {
+                    tracing::warn!(transfer = %name, "finished an interrupted removal");
+                    trashed.push(name);
+                }
+                Err(e) => tracing::warn!(transfer = %name, error = %e, "could not clear trash"),
+            }
         }
         self.report.staging_cleared = cleared;
         self.report.staging_live = live;
         self.report.trash_cleared = trashed;
         Ok(())
+    }
+
+    fn older_than_grace(&self, path: &Path) -> Result<bool> {
+        let age = self
+            .fs
+            .lstat(path)?
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .unwrap_or(Duration::ZERO);
+        Ok(age >= self.cfg.staging_grace)
+    }
+
+    /// Clears one staging directory unless a live builder owns it. Returns whether it cleared.
+    fn clear_staged(&self, path: &Path) -> Result<bool> {
+        let state_path = path.join(STATE);
+        // Hold the builder's lock (if we can take it) while deleting, so no builder can resume
+        // in a directory being removed.
+        let _held = match self.fs.open_read(&state_path) {
+            Ok(f) => {
+                if !self.fs.try_lock(&f, &state_path)? {
+                    return Ok(false);
+                }
+                Some(f)
+            }
+            Err(_) => None,
+        };
+        if !self.older_than_grace(path)? {
+            return Ok(false);
+        }
+        self.fs.remove_tree(path)?;
+        Ok(true)
     }
 
     fn scan_unknown(&mut self) -> Result<()> {
@@ -584,7 +607,11 @@ impl Store {
             }
             moved.push(s.id);
         }
-        self.fs.sync_dir(&transfers)?;
+        if let Err(e) = self.fs.sync_dir(&transfers) {
+            // Not acknowledged: take the batch back out so an `Err` leaves nothing visible.
+            self.roll_back(&moved);
+            return Err(e);
+        }
         let mut cache = lock(&self.manifests);
         for s in staged {
             tracing::debug!(transfer = %s.id, kind = %s.manifest.kind, "created");
@@ -594,9 +621,16 @@ impl Store {
         Ok(moved)
     }
 
+    /// Moves already-renamed members of a failed batch to `trash/` and deletes them. Failures
+    /// are logged: the caller already has the error that made the batch fail.
     fn roll_back(&self, moved: &[TransferId]) {
         for id in moved {
-            let _ = self.move_to_trash(*id);
+            let r = self
+                .move_to_trash(*id)
+                .and_then(|()| self.fs.remove_tree(&self.dir(TRASH).join(id.to_string())));
+            if let Err(e) = r {
+                tracing::error!(transfer = %id, error = %e, "could not roll back a member of a failed batch create");
+            }
         }
     }
 
@@ -700,21 +734,17 @@ impl Store {
             session: t.session,
             request: t.request,
             group: t.group,
-            created: format::from_ms(format::to_ms(now)),
-            deadline: t.deadline.map(|d| format::from_ms(format::to_ms(d))),
+            created: now,
+            deadline: t.deadline,
             retry: t.retry,
             payload,
             idempotency_key: t.idempotency_key.unwrap_or_else(|| id.to_string()),
             metadata: t.metadata,
         };
-        let mut stored = manifest.clone();
-        for h in &mut stored.request.headers {
-            if h.secret {
-                h.value.clear();
-            }
-        }
         let bytes = manifest::encode(&manifest)?;
         let mpath = dir.join(MANIFEST);
+        // Cache exactly what a reader will decode (secret values dropped, times in ms).
+        let stored = manifest::decode(&mpath, &bytes)?;
         let mf = self.fs.create_new(&mpath)?;
         self.fs.write_all(&mf, &mpath, &bytes)?;
         to_sync.push((mf, mpath));
@@ -742,6 +772,8 @@ impl Store {
         let path = dir.join(MANIFEST);
         let bytes = match self.fs.read_bounded(&path, manifest::MAX_FILE) {
             Err(e) if e.is_not_found_io() => {
+                // Gone with its directory (a concurrent removal) is not corruption.
+                self.checked_dir(id)?;
                 return Err(Error::corrupt(
                     &path,
                     Corruption::Truncated {
@@ -788,8 +820,7 @@ impl Store {
                 }
                 (slot.state, Some((i, slot.seq)))
             }
-            Err(e) => {
-                tracing::warn!(transfer = %id, error = %e, "state rebuilt from the manifest");
+            Err(_) => {
                 let mut s = State::new();
                 s.rebuilt = true;
                 (s, None)
@@ -824,13 +855,27 @@ impl Store {
     fn read_state(&self, id: TransferId) -> Result<State> {
         let dir = self.checked_dir(id)?;
         let path = dir.join(STATE);
-        let bytes = match self.fs.open_read(&path) {
-            Ok(f) => self.fs.read_prefix(&f, &path, state_fmt::MAX_FILE)?,
-            // The directory exists (checked above): a missing state is rebuilt.
-            Err(e) if e.is_not_found_io() => Vec::new(),
-            Err(e) => return Err(e),
+        let read = || -> Result<Vec<u8>> {
+            match self.fs.open_read(&path) {
+                Ok(f) => self.fs.read_prefix(&f, &path, state_fmt::MAX_FILE),
+                // Missing state: the transfer is being removed (NotFound), or the file was lost
+                // (rebuilt below).
+                Err(e) if e.is_not_found_io() => self.checked_dir(id).map(|_| Vec::new()),
+                Err(e) => Err(e),
+            }
         };
-        Ok(self.decode_state(id, &path, &bytes).0)
+        let bytes = read()?;
+        let (state, newest) = self.decode_state(id, &path, &bytes);
+        if newest.is_some() || bytes.is_empty() {
+            return Ok(state);
+        }
+        // Both slots invalid: two writes may have overlapped this lock-free read. Read again.
+        let bytes = read()?;
+        let (state, newest) = self.decode_state(id, &path, &bytes);
+        if newest.is_none() {
+            tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
+        }
+        Ok(state)
     }
 
     /// Reads one transfer. Needs no lock: a torn state slot reads as the older one.
@@ -858,19 +903,55 @@ impl Store {
         op: &'static str,
         f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
     ) -> Result<R> {
+        self.modify_with(id, op, true, f)
+    }
+
+    /// Opens the transfer's state file and takes its lock, then checks that the locked file is
+    /// still the one at `transfers/<id>/state`: a removal or quarantine in another process may
+    /// have moved the directory while this one waited. Returns the file, its path, the
+    /// directory, and whether the file was created (its directory then needs a sync).
+    fn lock_state(&self, id: TransferId) -> Result<(File, PathBuf, PathBuf, bool)> {
+        for _ in 0..3 {
+            let dir = self.checked_dir(id)?;
+            let path = dir.join(STATE);
+            let (file, created) = match self.fs.open_rw(&path) {
+                Ok(f) => (f, false),
+                Err(e) if e.is_not_found_io() => self.fs.open_or_create(&path)?,
+                Err(e) => return Err(e),
+            };
+            self.fs.lock(&file, &path, self.cfg.lock_timeout)?;
+            if self.fs.still_at(&file, &path)? {
+                return Ok((file, path, dir, created));
+            }
+            // Moved or replaced while we waited: look again (NotFound if it is gone).
+        }
+        Err(ErrorKind::Busy {
+            path: self.transfer_dir(id).join(STATE),
+        }
+        .into())
+    }
+
+    /// [`Store::modify`]; `merge_pending` says whether coalesced progress rides along.
+    fn modify_with<R>(
+        &self,
+        id: TransferId,
+        op: &'static str,
+        merge_pending: bool,
+        f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
+    ) -> Result<R> {
         self.fs.check()?;
         let manifest = self.manifest(id)?;
-        let dir = self.checked_dir(id)?;
-        let path = dir.join(STATE);
-        let (file, created) = match self.fs.open_rw(&path) {
-            Ok(f) => (f, false),
-            Err(e) if e.is_not_found_io() => self.fs.open_or_create(&path)?,
-            Err(e) => return Err(e),
-        };
-        self.fs.lock(&file, &path, self.cfg.lock_timeout)?;
+        let (file, path, dir, created) = self.lock_state(id)?;
         let bytes = self.fs.read_prefix(&file, &path, state_fmt::MAX_FILE)?;
         let (mut state, newest) = self.decode_state(id, &path, &bytes);
-        let pending = lock(&self.pending).get(&id).copied().filter(|p| p.dirty);
+        if newest.is_none() {
+            tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
+        }
+        let pending = if merge_pending {
+            lock(&self.pending).get(&id).copied().filter(|p| p.dirty)
+        } else {
+            None
+        };
         let mut changed = false;
         if let Some(p) = pending
             && !state.phase.is_terminal()
@@ -883,7 +964,19 @@ impl Store {
         let (answer, f_changed) = f(&manifest, &mut state, &dir)?;
         if changed || f_changed {
             let (slot, seq) = match newest {
-                Some((i, seq)) => (1 - i, seq.wrapping_add(1)),
+                Some((i, seq)) => (
+                    1 - i,
+                    seq.checked_add(1).ok_or_else(|| {
+                        Error::corrupt(
+                            &path,
+                            Corruption::Length {
+                                slot: Some(i as u8),
+                                found: seq,
+                                max: u64::MAX - 1,
+                            },
+                        )
+                    })?,
+                ),
                 None => (0, 1),
             };
             let enc = state_fmt::encode_slot(seq, &state)?;
@@ -1086,7 +1179,9 @@ impl Store {
             }
             let at = match class {
                 ErrorClass::RetryAfter(t) => t,
-                _ => now + m.retry.backoff(s.failures),
+                _ => now
+                    .checked_add(m.retry.backoff(s.failures))
+                    .unwrap_or_else(|| format::from_ms(u64::MAX)),
             };
             let at = format::from_ms(format::to_ms(at));
             s.phase = Phase::WaitingToRetry;
@@ -1128,6 +1223,16 @@ impl Store {
                 }
             }
             s.current_request = Some(r);
+            // Leave room for the largest terminal state (an error text in both `last_error`
+            // and the outcome), so the transfer can always fail or be cancelled later.
+            let mut worst = s.clone();
+            let text = "x".repeat(MAX_ERROR_BYTES);
+            worst.last_error = Some(text.clone());
+            worst.outcome = Some(Outcome::Failed {
+                reason: FailReason::GaveUp,
+                error: text,
+            });
+            state_fmt::encode_slot(u64::MAX, &worst)?;
             Ok(((), true))
         })
     }
@@ -1175,9 +1280,7 @@ impl Store {
     }
 
     fn purge(&self, id: TransferId, require_ended: bool) -> Result<()> {
-        // Progress not yet written is moot for a transfer about to disappear.
-        lock(&self.pending).remove(&id);
-        self.modify(id, "purge", |m, s, _| {
+        self.modify_with(id, "purge", false, |m, s, _| {
             if require_ended && !s.phase.is_terminal() {
                 return Err(Error::invalid(format!(
                     "transfer {id} has not ended ({}); only an outcome can be acknowledged",
@@ -1224,10 +1327,25 @@ impl Store {
     /// [`ErrorKind::NotFound`]; I/O errors.
     pub fn quarantine(&self, id: TransferId) -> Result<PathBuf> {
         self.fs.check()?;
-        let from = self.transfer_dir(id);
-        if self.fs.lstat(&from).is_err() {
-            return Err(Error::not_found(format!("transfer {id}")));
-        }
+        let from = self.checked_dir(id).or_else(|e| match e.kind() {
+            // A symlink in place of the directory is moved aside as it is.
+            ErrorKind::Corrupt { .. } => Ok(self.transfer_dir(id)),
+            _ => Err(e),
+        })?;
+        // Hold the transfer's lock (when its state file can be locked) so no update lands in a
+        // directory being moved aside.
+        let _held = match self.lock_state(id) {
+            Ok((f, ..)) => Some(f),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::NotFound { .. } | ErrorKind::Busy { .. }
+                ) =>
+            {
+                return Err(e);
+            }
+            Err(_) => None,
+        };
         let to = self.dir(QUARANTINE).join(id.to_string());
         self.fs.rename(&from, &to)?;
         self.fs.sync_dir(&self.dir(QUARANTINE))?;
@@ -1388,13 +1506,23 @@ impl Store {
             }
             let path = dir.join(PARTIAL);
             let (f, created) = self.fs.open_or_create(&path)?;
+            let have = f
+                .metadata()
+                .map_err(|e| Error::io("stat", &path, e))?
+                .len();
+            if have < s.partial_len {
+                // Received bytes were lost outside our control; never pad with zeros. Resume
+                // from what is really there.
+                tracing::warn!(transfer = %id, recorded = s.partial_len, found = have, "partial file shorter than recorded; resuming from its length");
+                s.partial_len = have;
+            }
             self.fs.set_len(&f, &path, s.partial_len)?;
             self.fs.write_at(&f, &path, s.partial_len, bytes)?;
             self.fs.sync_data(&f, &path)?;
             if created {
                 self.fs.sync_dir(dir)?;
             }
-            s.partial_len += bytes.len() as u64;
+            s.partial_len = s.partial_len.saturating_add(bytes.len() as u64);
             s.bytes_done = s.partial_len;
             Ok((s.partial_len, true))
         })
@@ -1432,7 +1560,7 @@ impl Store {
     pub fn resume_data(&self, id: TransferId) -> Result<Option<Vec<u8>>> {
         self.fs.check()?;
         self.manifest(id)?;
-        let path = self.transfer_dir(id).join(RESUME);
+        let path = self.checked_dir(id)?.join(RESUME);
         match self.fs.read_bounded(&path, MAX_RESUME_BYTES) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.is_not_found_io() => Ok(None),
@@ -1461,28 +1589,40 @@ impl Store {
                 )));
             }
             let dst = dir.join(PAYLOAD);
-            match self.fs.rename(file, &dst) {
-                Ok(()) => {}
+            // The data is durable before the file is reachable as `payload`, and the source is
+            // removed only after the new name is durable.
+            let src = self.fs.open_read(file)?;
+            self.fs.sync_data(&src, file)?;
+            let moved = match self.fs.rename(file, &dst) {
+                Ok(()) => true,
                 Err(e) if wfs::is_cross_device(&e) => {
                     let tmp = dir.join("payload.tmp");
                     self.fs.remove_file(&tmp)?;
                     let (_, f) = self.fs.link_or_copy(file, &tmp, false, true)?;
                     self.fs.sync_data(&f, &tmp)?;
                     self.fs.rename(&tmp, &dst)?;
-                    self.fs.remove_file(file)?;
+                    false
                 }
                 Err(e) => return Err(e),
-            }
+            };
             self.fs.sync_dir(dir)?;
+            if !moved {
+                self.fs.remove_file(file)?;
+            }
             let len = self.fs.lstat(&dst)?.len();
             s.downloaded = true;
             s.bytes_done = len;
             s.bytes_total = Some(len);
-            for leftover in [PARTIAL, RESUME] {
-                self.fs.remove_file(&dir.join(leftover))?;
-            }
             Ok(((), true))
-        })
+        })?;
+        // Only now that the state says "downloaded" are the partial bytes and resume data moot.
+        let dir = self.transfer_dir(id);
+        for leftover in [PARTIAL, RESUME] {
+            if let Err(e) = self.fs.remove_file(&dir.join(leftover)) {
+                tracing::warn!(transfer = %id, error = %e, "left a moot download file behind");
+            }
+        }
+        Ok(())
     }
 
     /// Where the payload lives: the upload body, or a download's accepted file.
@@ -1500,7 +1640,7 @@ impl Store {
     pub fn open_payload(&self, id: TransferId) -> Result<File> {
         self.fs.check()?;
         let m = self.manifest(id)?;
-        let path = self.payload_path(id);
+        let path = self.checked_dir(id)?.join(PAYLOAD);
         let f = match self.fs.open_read(&path) {
             Err(e) if e.is_not_found_io() => {
                 return Err(Error::not_found(format!("the payload of transfer {id}")));

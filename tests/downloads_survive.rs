@@ -126,3 +126,24 @@ fn download_operations_refuse_uploads_and_bad_sources() -> TestResult {
     assert!(matches!(err.kind(), ErrorKind::InvalidArgument { .. }));
     Ok(())
 }
+
+#[test]
+fn lost_partial_bytes_are_never_replaced_by_zeros() -> TestResult {
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let id = store.create(NewTransfer::download("https://example.com/f"))?;
+    store.append_received(id, b"0123456789")?;
+    let partial = t
+        .root()
+        .join("transfers")
+        .join(id.to_string())
+        .join("partial");
+    std::fs::remove_file(&partial)?; // lost outside the library's control
+    assert_eq!(
+        store.append_received(id, b"ab")?,
+        2,
+        "resumes from what is really there"
+    );
+    assert_eq!(std::fs::read(&partial)?, b"ab");
+    Ok(())
+}

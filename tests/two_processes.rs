@@ -197,3 +197,31 @@ fn concurrent_read_modify_writes_lose_no_update() -> TestResult {
     assert_eq!(store.get(id)?.state.failures, 2000);
     Ok(())
 }
+
+/// A writer that waited for the lock while another process moved the transfer away (a purge)
+/// must not report success on the moved-away file.
+#[test]
+fn an_update_that_waited_on_a_removed_transfer_is_not_found() -> TestResult {
+    let t = TempStore::new()?;
+    let root = t.root();
+    let store = Store::open(&root)?;
+    let id = store.create(NewTransfer::download("https://example.com/x"))?;
+    let dir = root.join("transfers").join(id.to_string());
+    // Stand in for the other process: hold the lock, then move the directory to trash.
+    let held = std::fs::File::open(dir.join("state"))?;
+    held.lock()?;
+    std::thread::scope(|s| -> TestResult {
+        let waiter = s.spawn(|| store.complete(id, Some(200)));
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::rename(&dir, root.join("trash").join(id.to_string()))?;
+        drop(held);
+        let r = waiter.join().map_err(|_| "waiter panicked")?;
+        let err = r.expect_err("the transfer is gone; completing it must not win");
+        assert!(
+            matches!(err.kind(), waybill::ErrorKind::NotFound { .. }),
+            "{err}"
+        );
+        Ok(())
+    })?;
+    Ok(())
+}

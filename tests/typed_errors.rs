@@ -135,3 +135,59 @@ fn a_corrupt_manifest_is_reported_and_quarantined() -> TestResult {
     assert!(store.scan()?.corrupt.is_empty());
     Ok(())
 }
+
+#[test]
+fn extreme_numbers_from_callers_do_not_panic() -> TestResult {
+    use waybill::{Durability, ErrorClass, FailResult, RetryPolicy};
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let policy = RetryPolicy {
+        max_attempts: 10,
+        initial_backoff: Duration::MAX,
+        max_backoff: Duration::MAX,
+    };
+    let a = store.create(
+        NewTransfer::download("https://example.com/a")
+            .group("g")
+            .retry(policy),
+    )?;
+    let b = store.create(NewTransfer::download("https://example.com/b").group("g"))?;
+    for id in [a, b] {
+        store.progress(id, u64::MAX, Some(u64::MAX), Durability::Immediate)?;
+    }
+    let g = store.group("g")?;
+    assert_eq!(
+        (g.bytes_done, g.bytes_total),
+        (u64::MAX, u64::MAX),
+        "saturates"
+    );
+    assert!(matches!(
+        store.fail(a, ErrorClass::Transient, "x")?,
+        FailResult::RetryAt(_)
+    ));
+    Ok(())
+}
+
+#[test]
+fn a_replacement_request_must_leave_room_to_end_the_transfer() -> TestResult {
+    use waybill::{ErrorClass, FailResult, Request};
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let id = store.create(NewTransfer::download("https://example.com/a"))?;
+    let huge = Request::new("GET", format!("https://example.com/{}", "q".repeat(15_000)));
+    let err = store
+        .replace_request(id, huge)
+        .expect_err("too large for a state slot");
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidArgument { .. }),
+        "{err}"
+    );
+    let big = Request::new("GET", format!("https://example.com/{}", "q".repeat(12_000)));
+    store.replace_request(id, big)?;
+    let long_error = "e".repeat(5000);
+    assert_eq!(
+        store.fail(id, ErrorClass::Permanent, &long_error)?,
+        FailResult::GaveUp
+    );
+    Ok(())
+}
