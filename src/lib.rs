@@ -52,6 +52,7 @@ mod error;
 mod format;
 mod fs;
 mod group;
+mod reconcile;
 mod store;
 mod transfer;
 mod value;
@@ -59,6 +60,10 @@ mod value;
 pub use error::{Corruption, Error, ErrorKind, Result};
 pub use format::FORMAT_VERSION;
 pub use group::{GroupClaim, GroupSummary};
+pub use reconcile::{
+    Action, ApplyReport, CancelReason, Plan, ReconcileOptions, Record, ResumeFrom, Sessions, Task,
+    TaskRef, TaskState, plan, plan_reset,
+};
 pub use store::{
     CancelResult, Completion, ErrorClass, FailResult, Filter, MAX_ERROR_BYTES, MAX_NAME_BYTES,
     MAX_RESUME_BYTES, OpenReport, Scan, Store, StoreBuilder,

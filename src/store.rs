@@ -318,6 +318,26 @@ fn check_request(r: &Request) -> Result<()> {
     Ok(())
 }
 
+/// Records a replacement request (secret values dropped), keeping room in the state slot for
+/// the largest terminal state (an error text in both `last_error` and the outcome), so the
+/// transfer can always fail or be cancelled later.
+fn set_request(s: &mut State, mut r: Request) -> Result<()> {
+    for h in &mut r.headers {
+        if h.secret {
+            h.value.clear();
+        }
+    }
+    s.current_request = Some(r);
+    let mut worst = s.clone();
+    let text = "x".repeat(MAX_ERROR_BYTES);
+    worst.last_error = Some(text.clone());
+    worst.outcome = Some(Outcome::Failed {
+        reason: FailReason::GaveUp,
+        error: text,
+    });
+    state_fmt::encode_slot(u64::MAX, &worst).map(|_| ())
+}
+
 fn truncate_text(s: &str) -> String {
     if s.len() <= MAX_ERROR_BYTES {
         return s.to_owned();
@@ -768,6 +788,13 @@ impl Store {
         if let Some(m) = lock(&self.manifests).get(&id) {
             return Ok(Arc::clone(m));
         }
+        let m = Arc::new(self.load_manifest(id)?);
+        lock(&self.manifests).insert(id, Arc::clone(&m));
+        Ok(m)
+    }
+
+    /// Reads and checks the manifest from disk, bypassing the cache.
+    fn load_manifest(&self, id: TransferId) -> Result<Manifest> {
         let dir = self.checked_dir(id)?;
         let path = dir.join(MANIFEST);
         let bytes = match self.fs.read_bounded(&path, manifest::MAX_FILE) {
@@ -794,8 +821,6 @@ impl Store {
                 },
             ));
         }
-        let m = Arc::new(m);
-        lock(&self.manifests).insert(id, Arc::clone(&m));
         Ok(m)
     }
 
@@ -1009,6 +1034,10 @@ impl Store {
     /// [`ErrorKind::InvalidArgument`] for another session or an ended transfer;
     /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
     pub fn bind(&self, id: TransferId, task: TaskBinding) -> Result<()> {
+        self.bind_with(id, task, None)
+    }
+
+    fn bind_with(&self, id: TransferId, task: TaskBinding, request: Option<Request>) -> Result<()> {
         if let Some(tag) = &task.tag {
             check_name("the tag", tag)?;
         }
@@ -1024,6 +1053,9 @@ impl Store {
                     "transfer {id} has ended ({}); it cannot be bound",
                     s.phase
                 )));
+            }
+            if let Some(r) = request {
+                set_request(s, r)?;
             }
             s.binding = Some(task.clone());
             s.phase = Phase::Running;
@@ -1152,15 +1184,32 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
     pub fn fail(&self, id: TransferId, class: ErrorClass, error: &str) -> Result<FailResult> {
+        self.fail_task(id, None, class, error)
+    }
+
+    /// [`Store::fail`], also recording `task` as the binding: the task whose failure was
+    /// counted, so that meeting it again never counts it twice.
+    pub(crate) fn fail_task(
+        &self,
+        id: TransferId,
+        task: Option<TaskBinding>,
+        class: ErrorClass,
+        error: &str,
+    ) -> Result<FailResult> {
         let now = self.now();
         self.modify(id, "fail", |m, s, _| {
             if s.phase.is_terminal() {
                 let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
                 return Ok((FailResult::AlreadyEnded(o), false));
             }
+            if let Some(task) = task {
+                s.binding = Some(task);
+            }
             let error = truncate_text(error);
             s.last_error = Some(error.clone());
-            s.binding = None;
+            // The binding is kept: it names the task whose failure was just counted (the phase
+            // says it no longer runs), so a reconcile that meets that finished task again does
+            // not count it twice. Binding a new task replaces it.
             let give_up = |s: &mut State, reason| {
                 s.phase = Phase::Failed;
                 s.next_attempt = None;
@@ -1216,24 +1265,82 @@ impl Store {
     pub fn replace_request(&self, id: TransferId, request: Request) -> Result<()> {
         check_request(&request)?;
         self.modify(id, "replace request", |_, s, _| {
-            let mut r = request;
-            for h in &mut r.headers {
-                if h.secret {
-                    h.value.clear();
-                }
-            }
-            s.current_request = Some(r);
-            // Leave room for the largest terminal state (an error text in both `last_error`
-            // and the outcome), so the transfer can always fail or be cancelled later.
-            let mut worst = s.clone();
-            let text = "x".repeat(MAX_ERROR_BYTES);
-            worst.last_error = Some(text.clone());
-            worst.outcome = Some(Outcome::Failed {
-                reason: FailReason::GaveUp,
-                error: text,
-            });
-            state_fmt::encode_slot(u64::MAX, &worst)?;
+            set_request(s, request)?;
             Ok(((), true))
+        })
+    }
+
+    /// Durably records the platform task that now runs a recreated or resumed transfer (and
+    /// the fresh request it was given, if any), before the caller resumes that task. The
+    /// manifest is read from disk and checked first, never taken from a cache.
+    ///
+    /// # Errors
+    /// As [`Store::bind`]; [`ErrorKind::Corrupt`] when the manifest fails its checks.
+    pub fn rebind(
+        &self,
+        id: TransferId,
+        task: TaskBinding,
+        request: Option<Request>,
+    ) -> Result<()> {
+        self.fs.check()?;
+        self.load_manifest(id)?;
+        if let Some(r) = &request {
+            check_request(r)?;
+        }
+        self.bind_with(id, task, request)
+    }
+
+    /// Fails a transfer as expired (its deadline passed). Returns false when it had already
+    /// ended (nothing changed).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
+    pub fn expire(&self, id: TransferId) -> Result<bool> {
+        self.modify(id, "expire", |_, s, _| {
+            if s.phase.is_terminal() {
+                return Ok((false, false));
+            }
+            s.phase = Phase::Failed;
+            s.next_attempt = None;
+            s.outcome = Some(Outcome::Failed {
+                reason: FailReason::Expired,
+                error: "the deadline passed".to_owned(),
+            });
+            Ok((true, true))
+        })
+    }
+
+    /// Binds `task` and refreshes the counters in one durable write (a reconcile's `adopt`).
+    /// Writes nothing when the binding and counters are already those.
+    pub(crate) fn adopt(
+        &self,
+        id: TransferId,
+        task: TaskBinding,
+        done: u64,
+        total: Option<u64>,
+    ) -> Result<()> {
+        self.modify(id, "adopt", |m, s, _| {
+            if task.session != m.session || s.phase.is_terminal() {
+                return Err(Error::invalid(format!(
+                    "transfer {id} cannot adopt task {} of session {:?}",
+                    task.task_id, task.session
+                )));
+            }
+            let tag = task
+                .tag
+                .clone()
+                .or_else(|| s.binding.as_ref().and_then(|b| b.tag.clone()));
+            let binding = TaskBinding { tag, ..task };
+            let before = (s.binding.clone(), s.phase, s.bytes_done, s.bytes_total);
+            s.binding = Some(binding);
+            s.phase = Phase::Running;
+            s.next_attempt = None;
+            s.bytes_done = done;
+            s.bytes_total = total.or(s.bytes_total);
+            Ok((
+                (),
+                before != (s.binding.clone(), s.phase, s.bytes_done, s.bytes_total),
+            ))
         })
     }
 
@@ -1623,6 +1730,15 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Whether resume data is stored for a download.
+    pub(crate) fn has_resume_data(&self, id: TransferId) -> Result<bool> {
+        match self.fs.lstat(&self.transfer_dir(id).join(RESUME)) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.is_not_found_io() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Where the payload lives: the upload body, or a download's accepted file.

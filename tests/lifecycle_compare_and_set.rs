@@ -52,7 +52,7 @@ fn failures_back_off_then_give_up() -> TestResult {
     let s = store.get(id)?.state;
     assert_eq!(
         (s.phase, s.failures, s.binding.is_none()),
-        (Phase::WaitingToRetry, 1, true)
+        (Phase::WaitingToRetry, 1, false)
     );
     assert_eq!(s.next_attempt, Some(t0 + Duration::from_secs(2)));
     assert_eq!(s.last_error.as_deref(), Some("reset"));

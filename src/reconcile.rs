@@ -1,0 +1,937 @@
+//! The reconciler: after a relaunch, one [`Plan`] that accounts for every platform task and
+//! every record exactly once.
+//!
+//! Planning ([`plan`]) is a pure function of the supplied sessions, the tasks the platform
+//! reports, the store's records and the clock. [`Store::reconcile`] gathers the records and
+//! plans; [`Store::apply`] performs the store's side of a plan, one durable compare-and-set step
+//! per action, so a crash halfway leaves a store from which the same plan (less what was
+//! applied) is computed again.
+//!
+//! The relaunch flow:
+//!
+//! ```
+//! # fn main() -> Result<(), waybill::Error> {
+//! use std::time::SystemTime;
+//! use waybill::{Action, NewTransfer, Sessions, Store, Task, TaskBinding};
+//!
+//! # let dir = tempfile::tempdir().expect("tempdir");
+//! let store = Store::open(dir.path())?;
+//! # let id = store.create(NewTransfer::download("https://example.com/a"))?;
+//! # store.bind(id, TaskBinding { session: "default".into(), task_id: 1, tag: Some(id.to_string()) })?;
+//! // The tasks the platform still runs, as it reports them after the relaunch.
+//! let tasks = vec![Task::running("default", 1, "https://example.com/a").tag(id.to_string())];
+//! let plan = store.reconcile(&Sessions::only(["default"]), &tasks, SystemTime::now())?;
+//! let report = store.apply(&plan)?;
+//! for action in &plan.actions {
+//!     match action {
+//!         Action::Adopt { id, task, .. } => { /* attach UI state for task.task_id to id */ }
+//!         Action::Cancel { task, .. } => { /* cancel the platform task */ }
+//!         Action::Recreate { id, request, not_before, .. }
+//!         | Action::Resume { id, request, not_before, .. } => {
+//!             // Create the platform task (with secret headers supplied again), record it with
+//!             // `store.rebind(*id, binding, None)`, then resume it.
+//!         }
+//!         Action::Deliver { id, outcome, .. } if !report.claims_lost.contains(id) => {
+//!             // Show the outcome, then `store.acknowledge(*id)`.
+//!         }
+//!         _ => { /* purge, expire, quarantine, give_up: stop the riding task, if any */ }
+//!     }
+//! }
+//! # assert!(matches!(plan.actions[0], Action::Adopt { .. }));
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::{ErrorClass, Store};
+use crate::transfer::{Kind, Outcome, Phase, Request, TaskBinding, Transfer, TransferId};
+
+/// Which sessions a reconcile covers. Records and tasks of other sessions are left alone (an
+/// extension reconciles its own session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sessions {
+    /// Every session.
+    All,
+    /// Only these sessions.
+    Only(BTreeSet<String>),
+}
+
+impl Sessions {
+    /// Only the named sessions.
+    pub fn only<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Self {
+        Sessions::Only(names.into_iter().map(Into::into).collect())
+    }
+
+    /// Whether `session` is covered.
+    pub fn contains(&self, session: &str) -> bool {
+        match self {
+            Sessions::All => true,
+            Sessions::Only(s) => s.contains(session),
+        }
+    }
+}
+
+/// What the platform says a task is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskState {
+    /// Transferring.
+    Running,
+    /// Paused.
+    Suspended,
+    /// Being cancelled.
+    Cancelling,
+    /// Ended, with a status or an error.
+    Completed,
+}
+
+/// A task the platform reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Session identifier.
+    pub session: String,
+    /// Task id, unique within the session (reused after a reinstall).
+    pub task_id: u64,
+    /// The original request URL.
+    pub url: String,
+    /// The tag set on the request, if it survived.
+    pub tag: Option<String>,
+    /// What the task is doing.
+    pub state: TaskState,
+    /// HTTP status of a completed task.
+    pub status: Option<u16>,
+    /// Error of a completed task that failed.
+    pub error: Option<String>,
+    /// Bytes transferred.
+    pub bytes_done: u64,
+    /// Bytes expected, if known.
+    pub bytes_total: Option<u64>,
+}
+
+impl Task {
+    /// A running task with no tag and no counters.
+    pub fn running(session: impl Into<String>, task_id: u64, url: impl Into<String>) -> Self {
+        Task {
+            session: session.into(),
+            task_id,
+            url: url.into(),
+            tag: None,
+            state: TaskState::Running,
+            status: None,
+            error: None,
+            bytes_done: 0,
+            bytes_total: None,
+        }
+    }
+
+    /// The same task with a tag.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// The same task, completed with an HTTP status and no error.
+    pub fn completed(mut self, status: u16) -> Self {
+        self.state = TaskState::Completed;
+        self.status = Some(status);
+        self
+    }
+
+    /// The same task, completed with an error.
+    pub fn failed(mut self, error: impl Into<String>) -> Self {
+        self.state = TaskState::Completed;
+        self.error = Some(error.into());
+        self
+    }
+
+    /// The task's identity.
+    pub fn key(&self) -> TaskRef {
+        TaskRef {
+            session: self.session.clone(),
+            task_id: self.task_id,
+        }
+    }
+
+    /// A completed task succeeded when it carries no error and a status below 400 (or none).
+    fn succeeded(&self) -> bool {
+        self.error.is_none() && self.status.is_none_or(|s| s < 400)
+    }
+
+    fn failure_text(&self) -> String {
+        match (&self.error, self.status) {
+            (Some(e), _) => e.clone(),
+            (None, Some(s)) => format!("HTTP status {s}"),
+            (None, None) => "failed".to_owned(),
+        }
+    }
+}
+
+/// A platform task named in an action.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskRef {
+    /// Session identifier.
+    pub session: String,
+    /// Task id within the session.
+    pub task_id: u64,
+}
+
+/// A record as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The transfer.
+    pub transfer: Transfer,
+    /// Whether resume data is stored (downloads).
+    pub has_resume_data: bool,
+}
+
+/// What a download resumes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// The platform's resume data ([`Store::resume_data`]).
+    ResumeData,
+    /// The durable partial bytes: request the rest with a `Range` from `len`.
+    Partial {
+        /// Durable bytes already received.
+        len: u64,
+    },
+}
+
+/// Why a bare task is cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// No record keeps it.
+    NoRecord,
+    /// It matched several records, or shares its record with another task: never guessed.
+    Ambiguous,
+}
+
+/// One step of a plan. Every supplied task and every record of a supplied session appears in
+/// exactly one action. When a record's action must also stop a task (`purge`, `expire`,
+/// `quarantine`, `give_up`, and `recreate`/`resume` replacing a finished task), the task rides
+/// inside the action as its `task`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Action {
+    /// Bind the task to the record and refresh its counters.
+    Adopt {
+        /// The record.
+        id: TransferId,
+        /// The task.
+        task: TaskRef,
+        /// The task's tag, if it had one.
+        tag: Option<String>,
+        /// Bytes transferred, from the task.
+        bytes_done: u64,
+        /// Bytes expected, from the task.
+        bytes_total: Option<u64>,
+    },
+    /// Cancel a task that no record keeps.
+    Cancel {
+        /// The task.
+        task: TaskRef,
+        /// Why.
+        reason: CancelReason,
+    },
+    /// The record has no task: create one with `request`, not before `not_before`.
+    Recreate {
+        /// The record.
+        id: TransferId,
+        /// The request to hand to the platform (secret header values must be supplied again).
+        request: Request,
+        /// The attempt number (failures + 1).
+        attempt: u32,
+        /// Do not start the task before this time.
+        not_before: Option<SystemTime>,
+        /// A failure this plan counts (a completed task's error); applied by [`Store::apply`].
+        failure: Option<String>,
+        /// A finished or cancelling task being replaced.
+        task: Option<TaskRef>,
+    },
+    /// Like `recreate`, for a download that resumes.
+    Resume {
+        /// The record.
+        id: TransferId,
+        /// The request to hand to the platform.
+        request: Request,
+        /// The attempt number (failures + 1).
+        attempt: u32,
+        /// Do not start the task before this time.
+        not_before: Option<SystemTime>,
+        /// What to resume from.
+        from: ResumeFrom,
+        /// A failure this plan counts; applied by [`Store::apply`].
+        failure: Option<String>,
+        /// A finished or cancelling task being replaced.
+        task: Option<TaskRef>,
+    },
+    /// An outcome the app has not acknowledged: deliver it (again).
+    Deliver {
+        /// The record.
+        id: TransferId,
+        /// The outcome.
+        outcome: Outcome,
+        /// True when this plan records the outcome (a task that just succeeded): the claim is
+        /// compare-and-set, and a caller whose claim is lost must not deliver.
+        claim: bool,
+        /// The task that finished, if reported.
+        task: Option<TaskRef>,
+    },
+    /// The record was cancelled: remove its files (and stop its task).
+    Purge {
+        /// The record.
+        id: TransferId,
+        /// Its task, to cancel.
+        task: Option<TaskRef>,
+    },
+    /// Past its deadline: fail the record as expired (and stop its task).
+    Expire {
+        /// The record.
+        id: TransferId,
+        /// Its task, to cancel.
+        task: Option<TaskRef>,
+    },
+    /// The manifest is corrupt: move the record aside (nothing is deleted), report it, and
+    /// stop its task.
+    Quarantine {
+        /// The record.
+        id: TransferId,
+        /// Its task, to cancel (matched by tag only: a corrupt record has no trustworthy URL).
+        task: Option<TaskRef>,
+    },
+    /// The failure just reported spends the retry policy: the record fails for good.
+    GiveUp {
+        /// The record.
+        id: TransferId,
+        /// The last error.
+        error: String,
+        /// The finished task.
+        task: Option<TaskRef>,
+    },
+}
+
+impl Action {
+    /// The action's name as the CLI and docs use it (`adopt`, `cancel`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Adopt { .. } => "adopt",
+            Action::Cancel { .. } => "cancel",
+            Action::Recreate { .. } => "recreate",
+            Action::Resume { .. } => "resume",
+            Action::Deliver { .. } => "deliver",
+            Action::Purge { .. } => "purge",
+            Action::Expire { .. } => "expire",
+            Action::Quarantine { .. } => "quarantine",
+            Action::GiveUp { .. } => "give_up",
+        }
+    }
+
+    /// The record the action is about, if any (a bare `cancel` has none).
+    pub fn transfer(&self) -> Option<TransferId> {
+        match self {
+            Action::Cancel { .. } => None,
+            Action::Adopt { id, .. }
+            | Action::Recreate { id, .. }
+            | Action::Resume { id, .. }
+            | Action::Deliver { id, .. }
+            | Action::Purge { id, .. }
+            | Action::Expire { id, .. }
+            | Action::Quarantine { id, .. }
+            | Action::GiveUp { id, .. } => Some(*id),
+        }
+    }
+
+    /// The platform task the action names, if any.
+    pub fn task(&self) -> Option<&TaskRef> {
+        match self {
+            Action::Adopt { task, .. } | Action::Cancel { task, .. } => Some(task),
+            Action::Recreate { task, .. }
+            | Action::Resume { task, .. }
+            | Action::Deliver { task, .. }
+            | Action::Purge { task, .. }
+            | Action::Expire { task, .. }
+            | Action::Quarantine { task, .. }
+            | Action::GiveUp { task, .. } => task.as_ref(),
+        }
+    }
+}
+
+/// The answer of a reconcile: actions in a deterministic order (records by id, then bare
+/// cancels by session and task id).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The actions.
+    pub actions: Vec<Action>,
+}
+
+impl Plan {
+    /// How many actions of each kind, by name.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut m = BTreeMap::new();
+        for a in &self.actions {
+            *m.entry(a.name()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+/// Options of a reconcile.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReconcileOptions {
+    /// Seed of the retry jitter, so a plan is reproducible.
+    pub jitter_seed: u64,
+    /// The largest fraction by which jitter shortens a backoff (0 to 1). Default 0.25.
+    pub jitter: f64,
+}
+
+impl Default for ReconcileOptions {
+    fn default() -> Self {
+        ReconcileOptions {
+            jitter_seed: 0,
+            jitter: 0.25,
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The backoff after the `failures`-th failure of `id`, shortened by seeded jitter.
+fn jittered(t: &Transfer, failures: u32, opts: &ReconcileOptions) -> Duration {
+    let base = t.manifest.retry.backoff(failures);
+    let id = t.id();
+    let b = id.as_bytes();
+    let lo = u64::from_le_bytes(crate::format::fixed::<8>(b, 0));
+    let hi = u64::from_le_bytes(crate::format::fixed::<8>(b, 8));
+    let h = splitmix(opts.jitter_seed ^ lo ^ splitmix(hi ^ u64::from(failures)));
+    let unit = (h >> 11) as f64 / (1u64 << 53) as f64;
+    let cut = opts.jitter.clamp(0.0, 1.0) * unit;
+    base.mul_f64(1.0 - cut)
+}
+
+/// Where a task's evidence points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Target {
+    Record(usize),
+    Corrupt(usize),
+}
+
+/// Matches tasks to records, strongest evidence first. Returns, per target, its one task;
+/// and the tasks left over with why.
+fn match_tasks(
+    tasks: &[&Task],
+    recs: &[&Record],
+    corrupt: &[TransferId],
+) -> (
+    HashMap<Target, usize>,
+    BTreeMap<usize, CancelReason>,
+    BTreeSet<Target>,
+) {
+    let mut by_tag: HashMap<(&str, &str), BTreeSet<usize>> = HashMap::new();
+    let mut by_binding: HashMap<(&str, u64), BTreeSet<usize>> = HashMap::new();
+    let mut by_url: HashMap<(&str, &str), BTreeSet<usize>> = HashMap::new();
+    let ids: Vec<String> = recs.iter().map(|r| r.transfer.id().to_string()).collect();
+    for (i, r) in recs.iter().enumerate() {
+        let t = &r.transfer;
+        let s = t.manifest.session.as_str();
+        let mut tags = vec![
+            ids.get(i).map_or("", String::as_str),
+            t.manifest.idempotency_key.as_str(),
+        ];
+        if let Some(b) = &t.state.binding {
+            if let Some(tag) = &b.tag {
+                tags.push(tag);
+            }
+            by_binding
+                .entry((b.session.as_str(), b.task_id))
+                .or_default()
+                .insert(i);
+        } else {
+            by_url
+                .entry((s, t.request().url.as_str()))
+                .or_default()
+                .insert(i);
+        }
+        for tag in tags {
+            by_tag.entry((s, tag)).or_default().insert(i);
+        }
+    }
+    let corrupt_ids: HashMap<String, usize> = corrupt
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.to_string(), i))
+        .collect();
+
+    let mut proposals: BTreeMap<Target, Vec<usize>> = BTreeMap::new();
+    let mut leftover: BTreeMap<usize, CancelReason> = BTreeMap::new();
+    let mut ambiguous: BTreeSet<Target> = BTreeSet::new();
+    for (ti, task) in tasks.iter().enumerate() {
+        let s = task.session.as_str();
+        let mut cands: BTreeSet<usize> = BTreeSet::new();
+        if let Some(tag) = &task.tag {
+            if let Some(c) = by_tag.get(&(s, tag.as_str())) {
+                cands = c.clone();
+            } else if let Some(&ci) = corrupt_ids.get(tag) {
+                proposals.entry(Target::Corrupt(ci)).or_default().push(ti);
+                continue;
+            }
+        }
+        if cands.is_empty()
+            && let Some(c) = by_binding.get(&(s, task.task_id))
+        {
+            // A reused task id proves nothing unless the URL agrees.
+            cands = c
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    recs.get(i)
+                        .is_some_and(|r| r.transfer.request().url == task.url)
+                })
+                .collect();
+        }
+        if cands.is_empty()
+            && let Some(c) = by_url.get(&(s, task.url.as_str()))
+        {
+            cands = c.clone();
+        }
+        match cands.len() {
+            0 => {
+                leftover.insert(ti, CancelReason::NoRecord);
+            }
+            1 => {
+                if let Some(&ri) = cands.first() {
+                    proposals.entry(Target::Record(ri)).or_default().push(ti);
+                }
+            }
+            _ => {
+                leftover.insert(ti, CancelReason::Ambiguous);
+                ambiguous.extend(cands.into_iter().map(Target::Record));
+            }
+        }
+    }
+    let mut matched = HashMap::new();
+    for (target, ts) in proposals {
+        match ts.as_slice() {
+            [one] if !ambiguous.contains(&target) => {
+                matched.insert(target, *one);
+            }
+            _ => {
+                ambiguous.insert(target);
+                for t in ts {
+                    leftover.insert(t, CancelReason::Ambiguous);
+                }
+            }
+        }
+    }
+    (matched, leftover, ambiguous)
+}
+
+fn past(deadline: Option<SystemTime>, now: SystemTime) -> bool {
+    deadline.is_some_and(|d| now >= d)
+}
+
+/// The action for one record, given the task matched to it (if any).
+fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOptions) -> Action {
+    let t = &r.transfer;
+    let id = t.id();
+    let st = &t.state;
+    let tref = task.map(Task::key);
+    match st.phase {
+        Phase::Cancelled => return Action::Purge { id, task: tref },
+        Phase::Completed | Phase::Failed => {
+            return Action::Deliver {
+                id,
+                outcome: st.outcome.clone().unwrap_or(Outcome::Cancelled),
+                claim: false,
+                task: tref,
+            };
+        }
+        Phase::Pending | Phase::Running | Phase::WaitingToRetry => {}
+    }
+    let no_task = |failure: Option<String>, failures: u32, not_before: Option<SystemTime>, task| {
+        let request = t.request().clone();
+        let attempt = failures.saturating_add(1);
+        let from = match (t.manifest.kind, r.has_resume_data, st.partial_len) {
+            (Kind::Download, true, _) => Some(ResumeFrom::ResumeData),
+            (Kind::Download, false, len) if len > 0 => Some(ResumeFrom::Partial { len }),
+            _ => None,
+        };
+        match from {
+            Some(from) => Action::Resume {
+                id,
+                request,
+                attempt,
+                not_before,
+                from,
+                failure,
+                task,
+            },
+            None => Action::Recreate {
+                id,
+                request,
+                attempt,
+                not_before,
+                failure,
+                task,
+            },
+        }
+    };
+    let pending_retry = st.next_attempt.filter(|t| *t > now);
+    if let Some(task) = task.filter(|k| k.state == TaskState::Completed) {
+        let bound_to_it = st
+            .binding
+            .as_ref()
+            .is_some_and(|b| b.session == task.session && b.task_id == task.task_id);
+        if task.succeeded() {
+            return Action::Deliver {
+                id,
+                outcome: Outcome::Succeeded {
+                    status: task.status,
+                },
+                claim: true,
+                task: tref,
+            };
+        }
+        if past(t.manifest.deadline, now) {
+            return Action::Expire { id, task: tref };
+        }
+        if bound_to_it && st.phase == Phase::WaitingToRetry {
+            // This task's failure was counted before (a reconcile applied, or `fail`).
+            return no_task(None, st.failures, pending_retry, tref);
+        }
+        let failures = st.failures.saturating_add(1);
+        if failures >= t.manifest.retry.max_attempts {
+            return Action::GiveUp {
+                id,
+                error: task.failure_text(),
+                task: tref,
+            };
+        }
+        let at = now.checked_add(jittered(t, failures, opts)).unwrap_or(now);
+        let at = crate::format::from_ms(crate::format::to_ms(at));
+        return no_task(Some(task.failure_text()), failures, Some(at), tref);
+    }
+    if past(t.manifest.deadline, now) {
+        return Action::Expire { id, task: tref };
+    }
+    match task {
+        Some(task) if task.state != TaskState::Cancelling => Action::Adopt {
+            id,
+            task: task.key(),
+            tag: task.tag.clone(),
+            bytes_done: task.bytes_done,
+            bytes_total: task.bytes_total,
+        },
+        _ => no_task(None, st.failures, pending_retry, tref),
+    }
+}
+
+/// Checks the inputs: every task of a supplied session, no task reported twice.
+fn checked_tasks<'a>(sessions: &Sessions, tasks: &'a [Task]) -> Result<Vec<&'a Task>> {
+    let mut v: Vec<&Task> = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if !sessions.contains(&t.session) {
+            return Err(Error::invalid(format!(
+                "task {} belongs to session {:?}, which was not supplied",
+                t.task_id, t.session
+            )));
+        }
+        v.push(t);
+    }
+    v.sort_by(|a, b| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
+    if let Some(w) = v
+        .windows(2)
+        .find(|w| matches!(w, [a, b] if a.session == b.session && a.task_id == b.task_id))
+        && let Some(t) = w.first()
+    {
+        return Err(Error::invalid(format!(
+            "task {} of session {:?} is reported twice",
+            t.task_id, t.session
+        )));
+    }
+    Ok(v)
+}
+
+/// Records of the supplied sessions, by id; corrupt ids, sorted.
+fn relevant<'a>(
+    sessions: &Sessions,
+    records: &'a [Record],
+    corrupt: &[TransferId],
+) -> (Vec<&'a Record>, Vec<TransferId>) {
+    let mut recs: Vec<&Record> = records
+        .iter()
+        .filter(|r| sessions.contains(&r.transfer.manifest.session))
+        .collect();
+    recs.sort_by_key(|r| r.transfer.id());
+    recs.dedup_by_key(|r| r.transfer.id());
+    let mut bad = corrupt.to_vec();
+    bad.sort();
+    bad.dedup();
+    (recs, bad)
+}
+
+/// Puts record actions (by id) before bare cancels (by task).
+fn assemble(
+    mut by_id: Vec<(TransferId, Action)>,
+    tasks: &[&Task],
+    leftover: BTreeMap<usize, CancelReason>,
+) -> Plan {
+    by_id.sort_by_key(|(id, _)| *id);
+    let mut actions: Vec<Action> = by_id.into_iter().map(|(_, a)| a).collect();
+    for (ti, reason) in leftover {
+        if let Some(t) = tasks.get(ti) {
+            actions.push(Action::Cancel {
+                task: t.key(),
+                reason,
+            });
+        }
+    }
+    Plan { actions }
+}
+
+/// Plans a reconcile. Pure: same inputs, same plan, same order.
+///
+/// # Errors
+/// [`ErrorKind::InvalidArgument`] for a task of a session that was not supplied, or a task
+/// reported twice.
+pub fn plan(
+    sessions: &Sessions,
+    tasks: &[Task],
+    records: &[Record],
+    corrupt: &[TransferId],
+    now: SystemTime,
+    opts: &ReconcileOptions,
+) -> Result<Plan> {
+    let tasks = checked_tasks(sessions, tasks)?;
+    let (recs, bad) = relevant(sessions, records, corrupt);
+    let (matched, leftover, _ambiguous) = match_tasks(&tasks, &recs, &bad);
+    let task_of = |t: Target| matched.get(&t).and_then(|&ti| tasks.get(ti).copied());
+    let mut by_id = Vec::with_capacity(recs.len() + bad.len());
+    for (i, r) in recs.iter().enumerate() {
+        by_id.push((
+            r.transfer.id(),
+            decide(r, task_of(Target::Record(i)), now, opts),
+        ));
+    }
+    for (i, id) in bad.iter().enumerate() {
+        let task = task_of(Target::Corrupt(i)).map(Task::key);
+        by_id.push((*id, Action::Quarantine { id: *id, task }));
+    }
+    Ok(assemble(by_id, &tasks, leftover))
+}
+
+/// Plans a reset: cancel every task and discard every record of the supplied sessions
+/// (starting from a clean slate never invalidates the session). Records' tasks ride in their
+/// `purge`; corrupt records are quarantined (moved aside, not deleted).
+///
+/// # Errors
+/// As [`plan`].
+pub fn plan_reset(
+    sessions: &Sessions,
+    tasks: &[Task],
+    records: &[Record],
+    corrupt: &[TransferId],
+) -> Result<Plan> {
+    let tasks = checked_tasks(sessions, tasks)?;
+    let (recs, bad) = relevant(sessions, records, corrupt);
+    let (matched, leftover, _) = match_tasks(&tasks, &recs, &bad);
+    let task_of = |t: Target| {
+        matched
+            .get(&t)
+            .and_then(|&ti| tasks.get(ti))
+            .map(|t| t.key())
+    };
+    let mut by_id = Vec::with_capacity(recs.len() + bad.len());
+    for (i, r) in recs.iter().enumerate() {
+        let id = r.transfer.id();
+        by_id.push((
+            id,
+            Action::Purge {
+                id,
+                task: task_of(Target::Record(i)),
+            },
+        ));
+    }
+    for (i, id) in bad.iter().enumerate() {
+        by_id.push((
+            *id,
+            Action::Quarantine {
+                id: *id,
+                task: task_of(Target::Corrupt(i)),
+            },
+        ));
+    }
+    Ok(assemble(by_id, &tasks, leftover))
+}
+
+/// What applying a plan did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApplyReport {
+    /// Store-side steps performed.
+    pub applied: usize,
+    /// `deliver` claims another process won first: do not deliver these here.
+    pub claims_lost: Vec<TransferId>,
+    /// Records another process had already removed or moved (skipped).
+    pub gone: Vec<TransferId>,
+}
+
+fn binding(task: &Option<TaskRef>) -> Option<TaskBinding> {
+    task.as_ref().map(|t| TaskBinding {
+        session: t.session.clone(),
+        task_id: t.task_id,
+        tag: None,
+    })
+}
+
+impl Store {
+    /// Gathers the records of the supplied sessions and plans a reconcile with default options.
+    ///
+    /// # Errors
+    /// As [`plan`], and I/O errors reading the store.
+    pub fn reconcile(&self, sessions: &Sessions, tasks: &[Task], now: SystemTime) -> Result<Plan> {
+        self.reconcile_with(sessions, tasks, now, &ReconcileOptions::default())
+    }
+
+    /// [`Store::reconcile`] with explicit options.
+    ///
+    /// # Errors
+    /// As [`Store::reconcile`].
+    pub fn reconcile_with(
+        &self,
+        sessions: &Sessions,
+        tasks: &[Task],
+        now: SystemTime,
+        opts: &ReconcileOptions,
+    ) -> Result<Plan> {
+        let (records, corrupt) = self.records(sessions)?;
+        plan(sessions, tasks, &records, &corrupt, now, opts)
+    }
+
+    /// Gathers the records and plans a reset (see [`plan_reset`]).
+    ///
+    /// # Errors
+    /// As [`Store::reconcile`].
+    pub fn reset_plan(&self, sessions: &Sessions, tasks: &[Task]) -> Result<Plan> {
+        let (records, corrupt) = self.records(sessions)?;
+        plan_reset(sessions, tasks, &records, &corrupt)
+    }
+
+    fn records(&self, sessions: &Sessions) -> Result<(Vec<Record>, Vec<TransferId>)> {
+        let scan = self.scan()?;
+        let mut records = Vec::with_capacity(scan.transfers.len());
+        for t in scan.transfers {
+            if !sessions.contains(&t.manifest.session) {
+                continue;
+            }
+            let has_resume_data =
+                t.manifest.kind == Kind::Download && self.has_resume_data(t.id())?;
+            records.push(Record {
+                transfer: t,
+                has_resume_data,
+            });
+        }
+        let corrupt = scan.corrupt.into_iter().map(|(id, _)| id).collect();
+        Ok((records, corrupt))
+    }
+
+    /// Performs the store's side of a plan: bindings and counters (`adopt`), counted failures
+    /// (`recreate`/`resume` with a failure, `give_up`), claims (`deliver` with `claim`),
+    /// expiries, purges and quarantines. Each is one durable compare-and-set step; a crash
+    /// halfway leaves a store from which the remaining steps are planned again. Records another
+    /// process already removed are skipped.
+    ///
+    /// # Errors
+    /// The first error other than a vanished record; the steps before it stay applied.
+    pub fn apply(&self, plan: &Plan) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        for a in &plan.actions {
+            let r = self.apply_one(a, &mut report);
+            match r {
+                Ok(true) => report.applied += 1,
+                Ok(false) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                    if let Some(id) = a.transfer() {
+                        report.gone.push(id);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(report)
+    }
+
+    fn apply_one(&self, a: &Action, report: &mut ApplyReport) -> Result<bool> {
+        match a {
+            Action::Adopt {
+                id,
+                task,
+                tag,
+                bytes_done,
+                bytes_total,
+            } => {
+                let b = TaskBinding {
+                    session: task.session.clone(),
+                    task_id: task.task_id,
+                    tag: tag.clone(),
+                };
+                self.adopt(*id, b, *bytes_done, *bytes_total)?;
+                Ok(true)
+            }
+            Action::Cancel { .. } => Ok(false),
+            Action::Recreate {
+                id,
+                failure,
+                not_before,
+                task,
+                ..
+            }
+            | Action::Resume {
+                id,
+                failure,
+                not_before,
+                task,
+                ..
+            } => match failure {
+                Some(error) => {
+                    let at = not_before.unwrap_or_else(|| self.now());
+                    self.fail_task(*id, binding(task), ErrorClass::RetryAfter(at), error)?;
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
+            Action::Deliver {
+                id, outcome, claim, ..
+            } => {
+                if !claim {
+                    return Ok(false);
+                }
+                let status = match outcome {
+                    Outcome::Succeeded { status } => *status,
+                    _ => None,
+                };
+                if let crate::Completion::Lost(_) = self.complete(*id, status)? {
+                    report.claims_lost.push(*id);
+                }
+                Ok(true)
+            }
+            Action::Purge { id, .. } => {
+                self.remove(*id)?;
+                Ok(true)
+            }
+            Action::Expire { id, .. } => self.expire(*id),
+            Action::Quarantine { id, .. } => {
+                self.quarantine(*id)?;
+                Ok(true)
+            }
+            Action::GiveUp { id, error, task } => {
+                self.fail_task(*id, binding(task), ErrorClass::Permanent, error)?;
+                Ok(true)
+            }
+        }
+    }
+}
