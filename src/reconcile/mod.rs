@@ -935,3 +935,6 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod props;
