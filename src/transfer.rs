@@ -23,9 +23,12 @@ impl TransferId {
     /// Parses only the canonical form: 36 characters, lowercase, hyphenated, exactly as
     /// `Display` writes it. Directory names that are not canonical are never treated as records.
     pub fn parse_canonical(s: &str) -> Option<Self> {
+        if s.len() != uuid::fmt::Hyphenated::LENGTH {
+            return None;
+        }
         let u = Uuid::try_parse(s).ok()?;
-        let id = TransferId(u);
-        (id.to_string() == s).then_some(id)
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        (u.hyphenated().encode_lower(&mut buf) == s).then_some(TransferId(u))
     }
 
     /// The raw 16 bytes.

@@ -42,6 +42,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -413,70 +414,168 @@ fn jittered(t: &Transfer, failures: u32, opts: &ReconcileOptions) -> Duration {
     base.mul_f64(1.0 - cut)
 }
 
-/// Where a task's evidence points.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Target {
-    Record(usize),
-    Corrupt(usize),
-}
+/// A small, fast hasher for the planner's maps (keys come from the app's own records and
+/// platform, and a plan must stay cheap at 100,000 records).
+#[derive(Default)]
+struct Fx(u64);
 
-/// Matches tasks to records, strongest evidence first. Returns, per target, its one task;
-/// and the tasks left over with why.
-fn match_tasks(
-    tasks: &[&Task],
-    recs: &[&Record],
-    corrupt: &[TransferId],
-) -> (
-    HashMap<Target, usize>,
-    BTreeMap<usize, CancelReason>,
-    BTreeSet<Target>,
-) {
-    let mut by_tag: HashMap<(&str, &str), BTreeSet<usize>> = HashMap::new();
-    let mut by_binding: HashMap<(&str, u64), BTreeSet<usize>> = HashMap::new();
-    let mut by_url: HashMap<(&str, &str), BTreeSet<usize>> = HashMap::new();
-    let ids: Vec<String> = recs.iter().map(|r| r.transfer.id().to_string()).collect();
-    for (i, r) in recs.iter().enumerate() {
-        let t = &r.transfer;
-        let s = t.manifest.session.as_str();
-        let mut tags = vec![
-            ids.get(i).map_or("", String::as_str),
-            t.manifest.idempotency_key.as_str(),
-        ];
-        if let Some(b) = &t.state.binding {
-            if let Some(tag) = &b.tag {
-                tags.push(tag);
-            }
-            by_binding
-                .entry((b.session.as_str(), b.task_id))
-                .or_default()
-                .insert(i);
-        } else {
-            by_url
-                .entry((s, t.request().url.as_str()))
-                .or_default()
-                .insert(i);
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let word = <[u8; 8]>::try_from(chunk).map_or(0, u64::from_le_bytes);
+            self.write_u64(word);
         }
-        for tag in tags {
-            by_tag.entry((s, tag)).or_default().insert(i);
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            self.write_u64(u64::from_le_bytes(crate::format::fixed::<8>(rest, 0)));
         }
     }
-    let corrupt_ids: HashMap<String, usize> = corrupt
-        .iter()
-        .enumerate()
-        .map(|(i, id)| (id.to_string(), i))
-        .collect();
 
-    let mut proposals: BTreeMap<Target, Vec<usize>> = BTreeMap::new();
-    let mut leftover: BTreeMap<usize, CancelReason> = BTreeMap::new();
-    let mut ambiguous: BTreeSet<Target> = BTreeSet::new();
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
+
+/// The records (by index) one piece of evidence points at; almost always exactly one.
+#[derive(Debug, Clone)]
+enum Cands {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Cands {
+    fn add(&mut self, i: usize) {
+        match self {
+            Cands::One(a) if *a == i => {}
+            Cands::One(a) => *self = Cands::Many(vec![*a, i]),
+            Cands::Many(v) => {
+                if !v.contains(&i) {
+                    v.push(i);
+                }
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Cands::One(a) => std::slice::from_ref(a),
+            Cands::Many(v) => v,
+        }
+    }
+}
+
+fn add<K: std::hash::Hash + Eq>(m: &mut FxMap<K, Cands>, k: K, i: usize) {
+    match m.entry(k) {
+        std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(i),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(Cands::One(i));
+        }
+    }
+}
+
+/// How many tasks point at one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    None,
+    One(usize),
+    Many,
+}
+
+impl Claim {
+    fn add(&mut self, ti: usize) {
+        *self = match *self {
+            Claim::None => Claim::One(ti),
+            _ => Claim::Many,
+        };
+    }
+}
+
+/// The outcome of matching: per record and per corrupt id, its one task (by index); per task,
+/// why it is left over (if it is).
+struct Matching {
+    record_task: Vec<Option<usize>>,
+    corrupt_task: Vec<Option<usize>>,
+    leftover: Vec<Option<CancelReason>>,
+}
+
+/// Matches tasks to records, strongest evidence first: the tag (the record's id, its
+/// idempotency key, or its binding's tag); then the binding's (session, task id) when the URL
+/// agrees; then the URL when one unbound record has it. Several records for one task, or
+/// several tasks for one record, is ambiguous: none of them is matched.
+fn match_tasks(tasks: &[&Task], recs: &[&Record], corrupt: &[TransferId]) -> Matching {
+    let n = recs.len();
+    let mut by_id: FxMap<TransferId, usize> =
+        FxMap::with_capacity_and_hasher(n, Default::default());
+    let mut by_tag: FxMap<(&str, &str), Cands> = FxMap::default();
+    let mut by_binding: FxMap<(&str, u64), Cands> =
+        FxMap::with_capacity_and_hasher(n, Default::default());
+    let mut by_url: FxMap<(&str, &str), Cands> = FxMap::default();
+    for (i, r) in recs.iter().enumerate() {
+        let t = &r.transfer;
+        let id = t.id();
+        let s = t.manifest.session.as_str();
+        by_id.insert(id, i);
+        // Tags other than the id itself (the id is found through `by_id`).
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let own: &str = uuid::Uuid::from_bytes(*id.as_bytes())
+            .hyphenated()
+            .encode_lower(&mut buf);
+        let key = t.manifest.idempotency_key.as_str();
+        if key != own {
+            add(&mut by_tag, (s, key), i);
+        }
+        if let Some(b) = &t.state.binding {
+            if let Some(tag) = b.tag.as_deref()
+                && tag != own
+            {
+                add(&mut by_tag, (s, tag), i);
+            }
+            add(&mut by_binding, (b.session.as_str(), b.task_id), i);
+        } else {
+            add(&mut by_url, (s, t.request().url.as_str()), i);
+        }
+    }
+    let corrupt_ids: FxMap<TransferId, usize> =
+        corrupt.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+
+    let mut rec_claims = vec![Claim::None; recs.len()];
+    let mut corrupt_claims = vec![Claim::None; corrupt.len()];
+    let mut rec_ambiguous = vec![false; recs.len()];
+    let mut leftover: Vec<Option<CancelReason>> = vec![None; tasks.len()];
+    let mut proposal: Vec<Option<usize>> = vec![None; tasks.len()];
+    let mut cands: Vec<usize> = Vec::new();
+    let session_of = |i: usize| recs.get(i).map(|r| r.transfer.manifest.session.as_str());
     for (ti, task) in tasks.iter().enumerate() {
         let s = task.session.as_str();
-        let mut cands: BTreeSet<usize> = BTreeSet::new();
-        if let Some(tag) = &task.tag {
-            if let Some(c) = by_tag.get(&(s, tag.as_str())) {
-                cands = c.clone();
-            } else if let Some(&ci) = corrupt_ids.get(tag) {
-                proposals.entry(Target::Corrupt(ci)).or_default().push(ti);
+        cands.clear();
+        if let Some(tag) = task.tag.as_deref() {
+            let as_id = TransferId::parse_canonical(tag);
+            if let Some(&i) = as_id.and_then(|id| by_id.get(&id))
+                && session_of(i) == Some(s)
+            {
+                cands.push(i);
+            }
+            if let Some(c) = by_tag.get(&(s, tag)) {
+                cands.extend(
+                    c.as_slice()
+                        .iter()
+                        .filter(|i| !cands.contains(i))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            if cands.is_empty()
+                && let Some(&ci) = as_id.and_then(|id| corrupt_ids.get(&id))
+            {
+                if let Some(c) = corrupt_claims.get_mut(ci) {
+                    c.add(ti);
+                }
                 continue;
             }
         }
@@ -484,50 +583,77 @@ fn match_tasks(
             && let Some(c) = by_binding.get(&(s, task.task_id))
         {
             // A reused task id proves nothing unless the URL agrees.
-            cands = c
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    recs.get(i)
-                        .is_some_and(|r| r.transfer.request().url == task.url)
-                })
-                .collect();
+            cands.extend(c.as_slice().iter().filter(|&&i| {
+                recs.get(i)
+                    .is_some_and(|r| r.transfer.request().url == task.url)
+            }));
         }
         if cands.is_empty()
             && let Some(c) = by_url.get(&(s, task.url.as_str()))
         {
-            cands = c.clone();
+            cands.extend_from_slice(c.as_slice());
         }
-        match cands.len() {
-            0 => {
-                leftover.insert(ti, CancelReason::NoRecord);
-            }
-            1 => {
-                if let Some(&ri) = cands.first() {
-                    proposals.entry(Target::Record(ri)).or_default().push(ti);
+        let (left, prop) = match cands.as_slice() {
+            [] => (Some(CancelReason::NoRecord), None),
+            [one] => {
+                if let Some(c) = rec_claims.get_mut(*one) {
+                    c.add(ti);
                 }
+                (None, Some(*one))
             }
-            _ => {
-                leftover.insert(ti, CancelReason::Ambiguous);
-                ambiguous.extend(cands.into_iter().map(Target::Record));
+            many => {
+                for &i in many {
+                    if let Some(a) = rec_ambiguous.get_mut(i) {
+                        *a = true;
+                    }
+                }
+                (Some(CancelReason::Ambiguous), None)
             }
+        };
+        if let (Some(l), Some(p)) = (leftover.get_mut(ti), proposal.get_mut(ti)) {
+            (*l, *p) = (left, prop);
         }
     }
-    let mut matched = HashMap::new();
-    for (target, ts) in proposals {
-        match ts.as_slice() {
-            [one] if !ambiguous.contains(&target) => {
-                matched.insert(target, *one);
+    let mut record_task = vec![None; recs.len()];
+    for (ti, p) in proposal.iter().enumerate() {
+        let Some(ri) = *p else { continue };
+        let sole = rec_claims.get(ri) == Some(&Claim::One(ti));
+        if sole && rec_ambiguous.get(ri) == Some(&false) {
+            if let Some(slot) = record_task.get_mut(ri) {
+                *slot = Some(ti);
             }
-            _ => {
-                ambiguous.insert(target);
-                for t in ts {
-                    leftover.insert(t, CancelReason::Ambiguous);
-                }
-            }
+        } else if let Some(l) = leftover.get_mut(ti) {
+            *l = Some(CancelReason::Ambiguous);
         }
     }
-    (matched, leftover, ambiguous)
+    let mut corrupt_task = vec![None; corrupt.len()];
+    for (ci, c) in corrupt_claims.iter().enumerate() {
+        match *c {
+            Claim::One(ti) => {
+                if let Some(slot) = corrupt_task.get_mut(ci) {
+                    *slot = Some(ti);
+                }
+            }
+            Claim::Many => {
+                for (ti, task) in tasks.iter().enumerate() {
+                    let points_here = task
+                        .tag
+                        .as_deref()
+                        .and_then(TransferId::parse_canonical)
+                        .is_some_and(|id| corrupt.get(ci) == Some(&id));
+                    if points_here && let Some(l) = leftover.get_mut(ti) {
+                        *l = Some(CancelReason::Ambiguous);
+                    }
+                }
+            }
+            Claim::None => {}
+        }
+    }
+    Matching {
+        record_task,
+        corrupt_task,
+        leftover,
+    }
 }
 
 fn past(deadline: Option<SystemTime>, now: SystemTime) -> bool {
@@ -642,7 +768,7 @@ fn checked_tasks<'a>(sessions: &Sessions, tasks: &'a [Task]) -> Result<Vec<&'a T
         }
         v.push(t);
     }
-    v.sort_by(|a, b| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
+    v.sort_unstable_by(|a, b| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
     if let Some(w) = v
         .windows(2)
         .find(|w| matches!(w, [a, b] if a.session == b.session && a.task_id == b.task_id))
@@ -666,24 +792,34 @@ fn relevant<'a>(
         .iter()
         .filter(|r| sessions.contains(&r.transfer.manifest.session))
         .collect();
-    recs.sort_by_key(|r| r.transfer.id());
+    recs.sort_unstable_by_key(|r| r.transfer.id());
     recs.dedup_by_key(|r| r.transfer.id());
     let mut bad = corrupt.to_vec();
-    bad.sort();
+    bad.sort_unstable();
     bad.dedup();
     (recs, bad)
 }
 
 /// Puts record actions (by id) before bare cancels (by task).
 fn assemble(
-    mut by_id: Vec<(TransferId, Action)>,
+    records: Vec<Action>,
+    quarantines: Vec<Action>,
     tasks: &[&Task],
-    leftover: BTreeMap<usize, CancelReason>,
+    leftover: &[Option<CancelReason>],
 ) -> Plan {
-    by_id.sort_by_key(|(id, _)| *id);
-    let mut actions: Vec<Action> = by_id.into_iter().map(|(_, a)| a).collect();
-    for (ti, reason) in leftover {
-        if let Some(t) = tasks.get(ti) {
+    let cancels = leftover.iter().filter(|l| l.is_some()).count();
+    let mut actions: Vec<Action> = Vec::with_capacity(records.len() + quarantines.len() + cancels);
+    // Both lists are in id order already: merge them.
+    let mut q = quarantines.into_iter().peekable();
+    for a in records {
+        while let Some(next) = q.next_if(|x| x.transfer() < a.transfer()) {
+            actions.push(next);
+        }
+        actions.push(a);
+    }
+    actions.extend(q);
+    for (t, reason) in tasks.iter().zip(leftover) {
+        if let Some(reason) = *reason {
             actions.push(Action::Cancel {
                 task: t.key(),
                 reason,
@@ -708,20 +844,26 @@ pub fn plan(
 ) -> Result<Plan> {
     let tasks = checked_tasks(sessions, tasks)?;
     let (recs, bad) = relevant(sessions, records, corrupt);
-    let (matched, leftover, _ambiguous) = match_tasks(&tasks, &recs, &bad);
-    let task_of = |t: Target| matched.get(&t).and_then(|&ti| tasks.get(ti).copied());
-    let mut by_id = Vec::with_capacity(recs.len() + bad.len());
-    for (i, r) in recs.iter().enumerate() {
-        by_id.push((
-            r.transfer.id(),
-            decide(r, task_of(Target::Record(i)), now, opts),
-        ));
-    }
-    for (i, id) in bad.iter().enumerate() {
-        let task = task_of(Target::Corrupt(i)).map(Task::key);
-        by_id.push((*id, Action::Quarantine { id: *id, task }));
-    }
-    Ok(assemble(by_id, &tasks, leftover))
+    let m = match_tasks(&tasks, &recs, &bad);
+    let task_at = |slot: Option<&Option<usize>>| {
+        slot.copied()
+            .flatten()
+            .and_then(|ti| tasks.get(ti).copied())
+    };
+    let records = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| decide(r, task_at(m.record_task.get(i)), now, opts))
+        .collect();
+    let quarantines = bad
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Action::Quarantine {
+            id: *id,
+            task: task_at(m.corrupt_task.get(i)).map(Task::key),
+        })
+        .collect();
+    Ok(assemble(records, quarantines, &tasks, &m.leftover))
 }
 
 /// Plans a reset: cancel every task and discard every record of the supplied sessions
@@ -738,34 +880,30 @@ pub fn plan_reset(
 ) -> Result<Plan> {
     let tasks = checked_tasks(sessions, tasks)?;
     let (recs, bad) = relevant(sessions, records, corrupt);
-    let (matched, leftover, _) = match_tasks(&tasks, &recs, &bad);
-    let task_of = |t: Target| {
-        matched
-            .get(&t)
-            .and_then(|&ti| tasks.get(ti))
+    let m = match_tasks(&tasks, &recs, &bad);
+    let task_at = |slot: Option<&Option<usize>>| {
+        slot.copied()
+            .flatten()
+            .and_then(|ti| tasks.get(ti))
             .map(|t| t.key())
     };
-    let mut by_id = Vec::with_capacity(recs.len() + bad.len());
-    for (i, r) in recs.iter().enumerate() {
-        let id = r.transfer.id();
-        by_id.push((
-            id,
-            Action::Purge {
-                id,
-                task: task_of(Target::Record(i)),
-            },
-        ));
-    }
-    for (i, id) in bad.iter().enumerate() {
-        by_id.push((
-            *id,
-            Action::Quarantine {
-                id: *id,
-                task: task_of(Target::Corrupt(i)),
-            },
-        ));
-    }
-    Ok(assemble(by_id, &tasks, leftover))
+    let records = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Action::Purge {
+            id: r.transfer.id(),
+            task: task_at(m.record_task.get(i)),
+        })
+        .collect();
+    let quarantines = bad
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Action::Quarantine {
+            id: *id,
+            task: task_at(m.corrupt_task.get(i)),
+        })
+        .collect();
+    Ok(assemble(records, quarantines, &tasks, &m.leftover))
 }
 
 /// What applying a plan did.
