@@ -842,28 +842,9 @@ pub fn plan(
     now: SystemTime,
     opts: &ReconcileOptions,
 ) -> Result<Plan> {
-    let tasks = checked_tasks(sessions, tasks)?;
-    let (recs, bad) = relevant(sessions, records, corrupt);
-    let m = match_tasks(&tasks, &recs, &bad);
-    let task_at = |slot: Option<&Option<usize>>| {
-        slot.copied()
-            .flatten()
-            .and_then(|ti| tasks.get(ti).copied())
-    };
-    let records = recs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| decide(r, task_at(m.record_task.get(i)), now, opts))
-        .collect();
-    let quarantines = bad
-        .iter()
-        .enumerate()
-        .map(|(i, id)| Action::Quarantine {
-            id: *id,
-            task: task_at(m.corrupt_task.get(i)).map(Task::key),
-        })
-        .collect();
-    Ok(assemble(records, quarantines, &tasks, &m.leftover))
+    plan_with(sessions, tasks, records, corrupt, |r, task| {
+        decide(r, task, now, opts)
+    })
 }
 
 /// Plans a reset: cancel every task and discard every record of the supplied sessions
@@ -878,29 +859,40 @@ pub fn plan_reset(
     records: &[Record],
     corrupt: &[TransferId],
 ) -> Result<Plan> {
+    plan_with(sessions, tasks, records, corrupt, |r, task| Action::Purge {
+        id: r.transfer.id(),
+        task: task.map(Task::key),
+    })
+}
+
+/// Matches, then gives each record the action `per_record` decides (corrupt records are
+/// quarantined, tasks left over cancelled), in the plan's order.
+fn plan_with(
+    sessions: &Sessions,
+    tasks: &[Task],
+    records: &[Record],
+    corrupt: &[TransferId],
+    per_record: impl Fn(&Record, Option<&Task>) -> Action,
+) -> Result<Plan> {
     let tasks = checked_tasks(sessions, tasks)?;
     let (recs, bad) = relevant(sessions, records, corrupt);
     let m = match_tasks(&tasks, &recs, &bad);
     let task_at = |slot: Option<&Option<usize>>| {
         slot.copied()
             .flatten()
-            .and_then(|ti| tasks.get(ti))
-            .map(|t| t.key())
+            .and_then(|ti| tasks.get(ti).copied())
     };
     let records = recs
         .iter()
         .enumerate()
-        .map(|(i, r)| Action::Purge {
-            id: r.transfer.id(),
-            task: task_at(m.record_task.get(i)),
-        })
+        .map(|(i, r)| per_record(r, task_at(m.record_task.get(i))))
         .collect();
     let quarantines = bad
         .iter()
         .enumerate()
         .map(|(i, id)| Action::Quarantine {
             id: *id,
-            task: task_at(m.corrupt_task.get(i)),
+            task: task_at(m.corrupt_task.get(i)).map(Task::key),
         })
         .collect();
     Ok(assemble(records, quarantines, &tasks, &m.leftover))
