@@ -19,6 +19,15 @@ use waybill::{
     Phase, RetryPolicy, Store, TaskBinding,
 };
 
+/// Task `task_id` of the default session, untagged.
+fn task(task_id: u64) -> TaskBinding {
+    TaskBinding {
+        session: "default".into(),
+        task_id,
+        tag: None,
+    }
+}
+
 fn clock_store(root: &std::path::Path, now: Arc<AtomicU64>) -> waybill::Result<Store> {
     Store::builder()
         .clock(move || UNIX_EPOCH + Duration::from_millis(now.load(Ordering::SeqCst)))
@@ -37,14 +46,7 @@ fn failures_back_off_then_give_up() -> TestResult {
     };
     let id = store.create(NewTransfer::download("https://example.com/f").retry(policy))?;
     let t0 = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
-    store.bind(
-        id,
-        TaskBinding {
-            session: "default".into(),
-            task_id: 1,
-            tag: None,
-        },
-    )?;
+    store.bind(id, task(1))?;
     assert_eq!(
         store.fail(id, ErrorClass::Transient, "reset")?,
         FailResult::RetryAt(t0 + Duration::from_secs(2))
@@ -123,14 +125,7 @@ fn a_lost_task_is_not_a_failure() -> TestResult {
     let t = TempStore::new()?;
     let store = Store::open(t.root())?;
     let id = store.create(NewTransfer::download("https://example.com/a"))?;
-    store.bind(
-        id,
-        TaskBinding {
-            session: "default".into(),
-            task_id: 3,
-            tag: None,
-        },
-    )?;
+    store.bind(id, task(3))?;
     store.task_lost(id)?;
     let s = store.get(id)?.state;
     assert_eq!((s.phase, s.failures, s.binding), (Phase::Pending, 0, None));
@@ -142,11 +137,7 @@ fn cancel_reports_the_bound_task() -> TestResult {
     let t = TempStore::new()?;
     let store = Store::open(t.root())?;
     let id = store.create(NewTransfer::download("https://example.com/a"))?;
-    let b = TaskBinding {
-        session: "default".into(),
-        task_id: 5,
-        tag: None,
-    };
+    let b = task(5);
     store.bind(id, b.clone())?;
     assert_eq!(store.cancel(id)?, CancelResult::Cancelled { task: Some(b) });
     assert_eq!(
@@ -211,14 +202,7 @@ fn coalesced_progress_is_written_at_most_once_per_interval() -> TestResult {
         let other = Store::open(t.root())?;
         assert_eq!(other.get(id)?.state.bytes_done, 0);
         // A lifecycle change carries the pending progress with it.
-        store.bind(
-            id,
-            TaskBinding {
-                session: "default".into(),
-                task_id: 1,
-                tag: None,
-            },
-        )?;
+        store.bind(id, task(1))?;
         assert_eq!(other.get(id)?.state.bytes_done, 1000);
         store.progress(id, 1500, Some(2000), Durability::Coalesced)?;
         assert_eq!(other.get(id)?.state.bytes_done, 1000);

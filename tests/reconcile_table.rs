@@ -45,6 +45,11 @@ fn tref(task_id: u64) -> TaskRef {
     }
 }
 
+/// Plans against the store for the `bg` session, now.
+fn plan_now(store: &Store, tasks: &[Task]) -> waybill::Result<waybill::Plan> {
+    store.reconcile(&sessions(), tasks, SystemTime::now())
+}
+
 fn only(plan: &waybill::Plan) -> &Action {
     assert_eq!(plan.actions.len(), 1, "{plan:#?}");
     &plan.actions[0]
@@ -54,12 +59,7 @@ fn only(plan: &waybill::Plan) -> &Action {
 fn no_task_no_record_plans_nothing() -> TestResult {
     let t = TempStore::new()?;
     let store = Store::open(t.root())?;
-    assert!(
-        store
-            .reconcile(&sessions(), &[], SystemTime::now())?
-            .actions
-            .is_empty()
-    );
+    assert!(plan_now(&store, &[])?.actions.is_empty());
     Ok(())
 }
 
@@ -67,11 +67,7 @@ fn no_task_no_record_plans_nothing() -> TestResult {
 fn task_without_record_is_cancelled() -> TestResult {
     let t = TempStore::new()?;
     let store = Store::open(t.root())?;
-    let plan = store.reconcile(
-        &sessions(),
-        &[Task::running(S, 9, "https://x/a")],
-        SystemTime::now(),
-    )?;
+    let plan = plan_now(&store, &[Task::running(S, 9, "https://x/a")])?;
     assert_eq!(
         only(&plan),
         &Action::Cancel {
@@ -124,7 +120,7 @@ fn download_with_bytes_resumes() -> TestResult {
     let b = dl(&store, "https://x/b")?;
     store.append_received(a, b"12345")?;
     store.store_resume_data(b, b"rd")?;
-    let plan = store.reconcile(&sessions(), &[], SystemTime::now())?;
+    let plan = plan_now(&store, &[])?;
     for act in &plan.actions {
         match act {
             Action::Resume {
@@ -153,7 +149,7 @@ fn task_with_active_record_is_adopted_and_counters_refreshed() -> TestResult {
     let mut task = Task::running(S, 4, "https://x/a").tag(id.to_string());
     task.bytes_done = 70;
     task.bytes_total = Some(100);
-    let plan = store.reconcile(&sessions(), std::slice::from_ref(&task), SystemTime::now())?;
+    let plan = plan_now(&store, std::slice::from_ref(&task))?;
     assert!(matches!(only(&plan), Action::Adopt { id: i, bytes_done: 70, .. } if *i == id));
     store.apply(&plan)?;
     assert_eq!(store.get(id)?.state.bytes_done, 70);
@@ -169,7 +165,7 @@ fn completed_task_success_is_claimed_once_then_delivered_until_acknowledged() ->
     let done = [Task::running(S, 1, "https://x/a")
         .tag(id.to_string())
         .completed(200)];
-    let plan = store.reconcile(&sessions(), &done, SystemTime::now())?;
+    let plan = plan_now(&store, &done)?;
     assert!(matches!(
         only(&plan),
         Action::Deliver {
@@ -187,7 +183,7 @@ fn completed_task_success_is_claimed_once_then_delivered_until_acknowledged() ->
     let report = store.apply(&plan)?;
     assert_eq!(report.claims_lost, vec![id], "the loser must not deliver");
     // Delivered again on every relaunch until acknowledged, then gone.
-    let plan = store.reconcile(&sessions(), &[], SystemTime::now())?;
+    let plan = plan_now(&store, &[])?;
     assert!(matches!(
         only(&plan),
         Action::Deliver {
@@ -197,12 +193,7 @@ fn completed_task_success_is_claimed_once_then_delivered_until_acknowledged() ->
         }
     ));
     store.acknowledge(id)?;
-    assert!(
-        store
-            .reconcile(&sessions(), &[], SystemTime::now())?
-            .actions
-            .is_empty()
-    );
+    assert!(plan_now(&store, &[])?.actions.is_empty());
     Ok(())
 }
 
@@ -285,7 +276,7 @@ fn cancelled_record_is_purged_with_its_task() -> TestResult {
     bind(&store, id, 3)?;
     store.cancel(id)?;
     let tasks = [Task::running(S, 3, "https://x/a").tag(id.to_string())];
-    let plan = store.reconcile(&sessions(), &tasks, SystemTime::now())?;
+    let plan = plan_now(&store, &tasks)?;
     assert_eq!(
         only(&plan),
         &Action::Purge {
@@ -383,7 +374,7 @@ fn two_records_claiming_one_task_is_ambiguous() -> TestResult {
             .idempotency_key("k"),
     )?;
     let tasks = [Task::running(S, 1, "https://x/a").tag("k")];
-    let plan = store.reconcile(&sessions(), &tasks, SystemTime::now())?;
+    let plan = plan_now(&store, &tasks)?;
     assert_eq!(plan.counts().get("recreate"), Some(&2), "{plan:#?}");
     assert!(plan.actions.contains(&Action::Cancel {
         task: tref(1),
@@ -408,7 +399,7 @@ fn one_record_matched_by_two_tasks_is_ambiguous() -> TestResult {
         Task::running(S, 1, "https://x/a").tag(id.to_string()),
         Task::running(S, 2, "https://x/a").tag(id.to_string()),
     ];
-    let plan = store.reconcile(&sessions(), &tasks, SystemTime::now())?;
+    let plan = plan_now(&store, &tasks)?;
     assert_eq!(plan.counts().get("cancel"), Some(&2));
     assert_eq!(plan.counts().get("recreate"), Some(&1));
     Ok(())
@@ -420,11 +411,7 @@ fn missing_tag_matches_by_binding_and_url() -> TestResult {
     let store = Store::open(t.root())?;
     let id = dl(&store, "https://x/a")?;
     bind(&store, id, 6)?;
-    let plan = store.reconcile(
-        &sessions(),
-        &[Task::running(S, 6, "https://x/a")],
-        SystemTime::now(),
-    )?;
+    let plan = plan_now(&store, &[Task::running(S, 6, "https://x/a")])?;
     assert!(matches!(only(&plan), Action::Adopt { id: i, .. } if *i == id));
     Ok(())
 }
@@ -436,11 +423,7 @@ fn reused_task_id_with_another_url_is_not_adopted() -> TestResult {
     let id = dl(&store, "https://x/a")?;
     bind(&store, id, 6)?;
     // After a reinstall the platform reused task id 6 for something else.
-    let plan = store.reconcile(
-        &sessions(),
-        &[Task::running(S, 6, "https://x/other")],
-        SystemTime::now(),
-    )?;
+    let plan = plan_now(&store, &[Task::running(S, 6, "https://x/other")])?;
     assert_eq!(plan.counts().get("cancel"), Some(&1));
     assert_eq!(plan.counts().get("recreate"), Some(&1));
     Ok(())
@@ -451,19 +434,11 @@ fn unbound_record_matches_a_task_by_url_alone_when_unique() -> TestResult {
     let t = TempStore::new()?;
     let store = Store::open(t.root())?;
     let id = dl(&store, "https://x/a")?;
-    let plan = store.reconcile(
-        &sessions(),
-        &[Task::running(S, 3, "https://x/a")],
-        SystemTime::now(),
-    )?;
+    let plan = plan_now(&store, &[Task::running(S, 3, "https://x/a")])?;
     assert!(matches!(only(&plan), Action::Adopt { id: i, .. } if *i == id));
     // Two unbound records with that URL: never guessed.
     dl(&store, "https://x/a")?;
-    let plan = store.reconcile(
-        &sessions(),
-        &[Task::running(S, 3, "https://x/a")],
-        SystemTime::now(),
-    )?;
+    let plan = plan_now(&store, &[Task::running(S, 3, "https://x/a")])?;
     assert_eq!(plan.counts().get("cancel"), Some(&1));
     assert_eq!(plan.counts().get("adopt"), None);
     Ok(())
@@ -474,18 +449,8 @@ fn other_sessions_are_left_alone_and_their_tasks_refused() -> TestResult {
     let t = TempStore::new()?;
     let store = Store::open(t.root())?;
     store.create(NewTransfer::download("https://x/e").session("extension"))?;
-    assert!(
-        store
-            .reconcile(&sessions(), &[], SystemTime::now())?
-            .actions
-            .is_empty()
-    );
-    let err = store
-        .reconcile(
-            &sessions(),
-            &[Task::running("extension", 1, "https://x/e")],
-            SystemTime::now(),
-        )
+    assert!(plan_now(&store, &[])?.actions.is_empty());
+    let err = plan_now(&store, &[Task::running("extension", 1, "https://x/e")])
         .expect_err("task of an unsupplied session");
     assert!(
         matches!(err.kind(), ErrorKind::InvalidArgument { .. }),
@@ -493,13 +458,7 @@ fn other_sessions_are_left_alone_and_their_tasks_refused() -> TestResult {
     );
     let mut cancelling = Task::running(S, 1, "https://x/z");
     cancelling.state = TaskState::Cancelling;
-    let err = store
-        .reconcile(
-            &sessions(),
-            &[cancelling.clone(), cancelling],
-            SystemTime::now(),
-        )
-        .expect_err("task reported twice");
+    let err = plan_now(&store, &[cancelling.clone(), cancelling]).expect_err("task reported twice");
     assert!(
         matches!(err.kind(), ErrorKind::InvalidArgument { .. }),
         "{err}"
