@@ -495,3 +495,57 @@ fn reset_cancels_every_task_and_discards_every_record() -> TestResult {
     assert_eq!(left, vec![keep], "only the other session's record remains");
     Ok(())
 }
+
+#[test]
+fn group_finishes_once_when_its_last_member_ends_through_apply() -> TestResult {
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let member = |url: &str| {
+        store.create(
+            NewTransfer::download(url)
+                .session(S)
+                .group("album")
+                .retry(RetryPolicy {
+                    max_attempts: 1,
+                    ..RetryPolicy::default()
+                }),
+        )
+    };
+    let (a, b) = (member("https://x/a")?, member("https://x/b")?);
+    bind(&store, a, 1)?;
+    bind(&store, b, 2)?;
+    let task = |n: u64, id: TransferId, url: &str| Task::running(S, n, url).tag(id.to_string());
+    // The first member ends: the group is not finished.
+    let plan = plan_now(
+        &store,
+        &[
+            task(1, a, "https://x/a").completed(200),
+            task(2, b, "https://x/b"),
+        ],
+    )?;
+    assert!(store.apply(&plan)?.groups_finished.is_empty());
+    // The last member fails for good: the group finishes, with its counts.
+    let plan = plan_now(&store, &[task(2, b, "https://x/b").completed(500)])?;
+    assert!(
+        plan.actions
+            .iter()
+            .any(|x| matches!(x, Action::GiveUp { .. })),
+        "{plan:#?}"
+    );
+    let report = store.apply(&plan)?;
+    assert_eq!(report.groups_finished.len(), 1, "{report:?}");
+    let g = &report.groups_finished[0];
+    assert_eq!(
+        (g.name.as_str(), g.succeeded, g.failed, g.active),
+        ("album", 1, 1, 0)
+    );
+    // Both are delivered again until acknowledged, but "finished" never fires twice.
+    let plan = plan_now(&store, &[])?;
+    assert_eq!(plan.counts().get("deliver"), Some(&2), "{plan:#?}");
+    assert!(store.apply(&plan)?.groups_finished.is_empty());
+    assert!(matches!(
+        store.claim_group_finished("album")?,
+        waybill::GroupClaim::Lost
+    ));
+    Ok(())
+}

@@ -342,6 +342,17 @@ impl Action {
         }
     }
 
+    /// Whether the action leaves its record ended (an outcome to deliver, or removed).
+    fn ends_record(&self) -> bool {
+        matches!(
+            self,
+            Action::Deliver { .. }
+                | Action::Purge { .. }
+                | Action::Expire { .. }
+                | Action::GiveUp { .. }
+        )
+    }
+
     /// The platform task the action names, if any.
     pub fn task(&self) -> Option<&TaskRef> {
         match self {
@@ -497,6 +508,39 @@ impl Claim {
     }
 }
 
+/// Small numbers for session names, so the planner's keys hash and compare as integers.
+#[derive(Default)]
+struct Interner<'a> {
+    map: FxMap<&'a str, u32>,
+}
+
+impl<'a> Interner<'a> {
+    fn id(&mut self, s: &'a str) -> u32 {
+        let next = u32::try_from(self.map.len()).unwrap_or(u32::MAX);
+        *self.map.entry(s).or_insert(next)
+    }
+}
+
+/// Session names as small numbers, with whether each was supplied (looked up once per name).
+struct Names<'a> {
+    ids: Interner<'a>,
+    supplied: Vec<bool>,
+}
+
+impl<'a> Names<'a> {
+    /// The name's number, and whether its session was supplied.
+    fn id(&mut self, sessions: &Sessions, s: &'a str) -> (u32, bool) {
+        let id = self.ids.id(s);
+        let i = usize::try_from(id).unwrap_or(usize::MAX);
+        if let Some(&known) = self.supplied.get(i) {
+            return (id, known);
+        }
+        let known = sessions.contains(s);
+        self.supplied.push(known);
+        (id, known)
+    }
+}
+
 /// The outcome of matching: per record and per corrupt id, its one task (by index); per task,
 /// why it is left over (if it is).
 struct Matching {
@@ -505,23 +549,97 @@ struct Matching {
     leftover: Vec<Option<CancelReason>>,
 }
 
+/// The checked inputs of one plan: tasks in the order given, records of the supplied sessions
+/// in id order, corrupt ids in order, and every session name as a small number.
+struct Inputs<'a> {
+    tasks: Vec<&'a Task>,
+    task_session: Vec<u32>,
+    recs: Vec<(TransferId, &'a Record)>,
+    rec_session: Vec<u32>,
+    corrupt: Vec<TransferId>,
+    sessions: Interner<'a>,
+}
+
+/// Checks the inputs (every task of a supplied session, no task reported twice) and keeps the
+/// records of the supplied sessions, by id.
+fn inputs<'a>(
+    sessions: &Sessions,
+    tasks: &'a [Task],
+    records: &'a [Record],
+    corrupt: &[TransferId],
+) -> Result<Inputs<'a>> {
+    let mut names = Names {
+        ids: Interner::default(),
+        supplied: Vec::new(),
+    };
+    let mut seen: FxMap<(u32, u64), ()> =
+        FxMap::with_capacity_and_hasher(tasks.len(), Default::default());
+    let mut task_session = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (s, supplied) = names.id(sessions, &t.session);
+        if !supplied {
+            return Err(Error::invalid(format!(
+                "task {} belongs to session {:?}, which was not supplied",
+                t.task_id, t.session
+            )));
+        }
+        if seen.insert((s, t.task_id), ()).is_some() {
+            return Err(Error::invalid(format!(
+                "task {} of session {:?} is reported twice",
+                t.task_id, t.session
+            )));
+        }
+        task_session.push(s);
+    }
+    let mut recs: Vec<(TransferId, &Record, u32)> = Vec::with_capacity(records.len());
+    for r in records {
+        let (s, supplied) = names.id(sessions, &r.transfer.manifest.session);
+        if supplied {
+            recs.push((r.transfer.id(), r, s));
+        }
+    }
+    if !recs.is_sorted_by(|a, b| a.0 < b.0) {
+        recs.sort_by_key(|p| p.0);
+        recs.dedup_by_key(|p| p.0);
+    }
+    let rec_session = recs.iter().map(|p| p.2).collect();
+    let recs = recs.into_iter().map(|(id, r, _)| (id, r)).collect();
+    let mut bad = corrupt.to_vec();
+    bad.sort_unstable();
+    bad.dedup();
+    Ok(Inputs {
+        tasks: tasks.iter().collect(),
+        task_session,
+        recs,
+        rec_session,
+        corrupt: bad,
+        sessions: names.ids,
+    })
+}
+
 /// Matches tasks to records, strongest evidence first: the tag (the record's id, its
 /// idempotency key, or its binding's tag); then the binding's (session, task id) when the URL
 /// agrees; then the URL when one unbound record has it. Several records for one task, or
 /// several tasks for one record, is ambiguous: none of them is matched.
-fn match_tasks(tasks: &[&Task], recs: &[&Record], corrupt: &[TransferId]) -> Matching {
+fn match_tasks(inp: &mut Inputs<'_>) -> Matching {
+    let Inputs {
+        tasks,
+        task_session,
+        recs,
+        rec_session,
+        corrupt,
+        sessions,
+    } = inp;
     let n = recs.len();
     let mut by_id: FxMap<TransferId, usize> =
         FxMap::with_capacity_and_hasher(n, Default::default());
-    let mut by_tag: FxMap<(&str, &str), Cands> = FxMap::default();
-    let mut by_binding: FxMap<(&str, u64), Cands> =
+    let mut by_tag: FxMap<(u32, &str), Cands> = FxMap::default();
+    let mut by_binding: FxMap<(u32, u64), Cands> =
         FxMap::with_capacity_and_hasher(n, Default::default());
-    let mut by_url: FxMap<(&str, &str), Cands> = FxMap::default();
-    for (i, r) in recs.iter().enumerate() {
+    let mut by_url: FxMap<(u32, &str), Cands> = FxMap::default();
+    for (i, ((id, r), &s)) in recs.iter().zip(rec_session.iter()).enumerate() {
         let t = &r.transfer;
-        let id = t.id();
-        let s = t.manifest.session.as_str();
-        by_id.insert(id, i);
+        by_id.insert(*id, i);
         // Tags other than the id itself (the id is found through `by_id`).
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let own: &str = uuid::Uuid::from_bytes(*id.as_bytes())
@@ -537,7 +655,7 @@ fn match_tasks(tasks: &[&Task], recs: &[&Record], corrupt: &[TransferId]) -> Mat
             {
                 add(&mut by_tag, (s, tag), i);
             }
-            add(&mut by_binding, (b.session.as_str(), b.task_id), i);
+            add(&mut by_binding, (sessions.id(&b.session), b.task_id), i);
         } else {
             add(&mut by_url, (s, t.request().url.as_str()), i);
         }
@@ -545,30 +663,29 @@ fn match_tasks(tasks: &[&Task], recs: &[&Record], corrupt: &[TransferId]) -> Mat
     let corrupt_ids: FxMap<TransferId, usize> =
         corrupt.iter().enumerate().map(|(i, id)| (*id, i)).collect();
 
-    let mut rec_claims = vec![Claim::None; recs.len()];
+    let mut rec_claims = vec![Claim::None; n];
     let mut corrupt_claims = vec![Claim::None; corrupt.len()];
-    let mut rec_ambiguous = vec![false; recs.len()];
+    let mut rec_ambiguous = vec![false; n];
     let mut leftover: Vec<Option<CancelReason>> = vec![None; tasks.len()];
     let mut proposal: Vec<Option<usize>> = vec![None; tasks.len()];
     let mut cands: Vec<usize> = Vec::new();
-    let session_of = |i: usize| recs.get(i).map(|r| r.transfer.manifest.session.as_str());
-    for (ti, task) in tasks.iter().enumerate() {
-        let s = task.session.as_str();
+    for (ti, (task, &s)) in tasks.iter().zip(task_session.iter()).enumerate() {
         cands.clear();
         if let Some(tag) = task.tag.as_deref() {
             let as_id = TransferId::parse_canonical(tag);
             if let Some(&i) = as_id.and_then(|id| by_id.get(&id))
-                && session_of(i) == Some(s)
+                && rec_session.get(i) == Some(&s)
             {
                 cands.push(i);
             }
-            if let Some(c) = by_tag.get(&(s, tag)) {
-                cands.extend(
-                    c.as_slice()
-                        .iter()
-                        .filter(|i| !cands.contains(i))
-                        .collect::<Vec<_>>(),
-                );
+            if !by_tag.is_empty()
+                && let Some(c) = by_tag.get(&(s, tag))
+            {
+                for &i in c.as_slice() {
+                    if !cands.contains(&i) {
+                        cands.push(i);
+                    }
+                }
             }
             if cands.is_empty()
                 && let Some(&ci) = as_id.and_then(|id| corrupt_ids.get(&id))
@@ -585,10 +702,11 @@ fn match_tasks(tasks: &[&Task], recs: &[&Record], corrupt: &[TransferId]) -> Mat
             // A reused task id proves nothing unless the URL agrees.
             cands.extend(c.as_slice().iter().filter(|&&i| {
                 recs.get(i)
-                    .is_some_and(|r| r.transfer.request().url == task.url)
+                    .is_some_and(|(_, r)| r.transfer.request().url == task.url)
             }));
         }
         if cands.is_empty()
+            && !by_url.is_empty()
             && let Some(c) = by_url.get(&(s, task.url.as_str()))
         {
             cands.extend_from_slice(c.as_slice());
@@ -614,7 +732,7 @@ fn match_tasks(tasks: &[&Task], recs: &[&Record], corrupt: &[TransferId]) -> Mat
             (*l, *p) = (left, prop);
         }
     }
-    let mut record_task = vec![None; recs.len()];
+    let mut record_task = vec![None; n];
     for (ti, p) in proposal.iter().enumerate() {
         let Some(ri) = *p else { continue };
         let sole = rec_claims.get(ri) == Some(&Claim::One(ti));
@@ -744,89 +862,16 @@ fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOpti
     if past(t.manifest.deadline, now) {
         return Action::Expire { id, task: tref };
     }
-    match task {
-        Some(task) if task.state != TaskState::Cancelling => Action::Adopt {
+    match (task, tref) {
+        (Some(task), Some(key)) if task.state != TaskState::Cancelling => Action::Adopt {
             id,
-            task: task.key(),
+            task: key,
             tag: task.tag.clone(),
             bytes_done: task.bytes_done,
             bytes_total: task.bytes_total,
         },
-        _ => no_task(None, st.failures, pending_retry, tref),
+        (_, tref) => no_task(None, st.failures, pending_retry, tref),
     }
-}
-
-/// Checks the inputs: every task of a supplied session, no task reported twice.
-fn checked_tasks<'a>(sessions: &Sessions, tasks: &'a [Task]) -> Result<Vec<&'a Task>> {
-    let mut v: Vec<&Task> = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        if !sessions.contains(&t.session) {
-            return Err(Error::invalid(format!(
-                "task {} belongs to session {:?}, which was not supplied",
-                t.task_id, t.session
-            )));
-        }
-        v.push(t);
-    }
-    v.sort_unstable_by(|a, b| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
-    if let Some(w) = v
-        .windows(2)
-        .find(|w| matches!(w, [a, b] if a.session == b.session && a.task_id == b.task_id))
-        && let Some(t) = w.first()
-    {
-        return Err(Error::invalid(format!(
-            "task {} of session {:?} is reported twice",
-            t.task_id, t.session
-        )));
-    }
-    Ok(v)
-}
-
-/// Records of the supplied sessions, by id; corrupt ids, sorted.
-fn relevant<'a>(
-    sessions: &Sessions,
-    records: &'a [Record],
-    corrupt: &[TransferId],
-) -> (Vec<&'a Record>, Vec<TransferId>) {
-    let mut recs: Vec<&Record> = records
-        .iter()
-        .filter(|r| sessions.contains(&r.transfer.manifest.session))
-        .collect();
-    recs.sort_unstable_by_key(|r| r.transfer.id());
-    recs.dedup_by_key(|r| r.transfer.id());
-    let mut bad = corrupt.to_vec();
-    bad.sort_unstable();
-    bad.dedup();
-    (recs, bad)
-}
-
-/// Puts record actions (by id) before bare cancels (by task).
-fn assemble(
-    records: Vec<Action>,
-    quarantines: Vec<Action>,
-    tasks: &[&Task],
-    leftover: &[Option<CancelReason>],
-) -> Plan {
-    let cancels = leftover.iter().filter(|l| l.is_some()).count();
-    let mut actions: Vec<Action> = Vec::with_capacity(records.len() + quarantines.len() + cancels);
-    // Both lists are in id order already: merge them.
-    let mut q = quarantines.into_iter().peekable();
-    for a in records {
-        while let Some(next) = q.next_if(|x| x.transfer() < a.transfer()) {
-            actions.push(next);
-        }
-        actions.push(a);
-    }
-    actions.extend(q);
-    for (t, reason) in tasks.iter().zip(leftover) {
-        if let Some(reason) = *reason {
-            actions.push(Action::Cancel {
-                task: t.key(),
-                reason,
-            });
-        }
-    }
-    Plan { actions }
 }
 
 /// Plans a reconcile. Pure: same inputs, same plan, same order.
@@ -842,9 +887,14 @@ pub fn plan(
     now: SystemTime,
     opts: &ReconcileOptions,
 ) -> Result<Plan> {
-    plan_with(sessions, tasks, records, corrupt, |r, task| {
-        decide(r, task, now, opts)
-    })
+    plan_with(
+        sessions,
+        tasks,
+        records,
+        corrupt,
+        PARALLEL_FROM,
+        |r, task| decide(r, task, now, opts),
+    )
 }
 
 /// Plans a reset: cancel every task and discard every record of the supplied sessions
@@ -859,43 +909,101 @@ pub fn plan_reset(
     records: &[Record],
     corrupt: &[TransferId],
 ) -> Result<Plan> {
-    plan_with(sessions, tasks, records, corrupt, |r, task| Action::Purge {
-        id: r.transfer.id(),
-        task: task.map(Task::key),
-    })
+    plan_with(
+        sessions,
+        tasks,
+        records,
+        corrupt,
+        PARALLEL_FROM,
+        |r, task| Action::Purge {
+            id: r.transfer.id(),
+            task: task.map(Task::key),
+        },
+    )
 }
 
+/// From this many records on, a plan decides records on two threads.
+const PARALLEL_FROM: usize = 16_384;
+
 /// Matches, then gives each record the action `per_record` decides (corrupt records are
-/// quarantined, tasks left over cancelled), in the plan's order.
+/// quarantined, tasks left over cancelled). Record actions come in id order, then bare cancels
+/// by session and task id, whatever the order of the inputs.
 fn plan_with(
     sessions: &Sessions,
     tasks: &[Task],
     records: &[Record],
     corrupt: &[TransferId],
-    per_record: impl Fn(&Record, Option<&Task>) -> Action,
+    parallel_from: usize,
+    per_record: impl Fn(&Record, Option<&Task>) -> Action + Sync,
 ) -> Result<Plan> {
-    let tasks = checked_tasks(sessions, tasks)?;
-    let (recs, bad) = relevant(sessions, records, corrupt);
-    let m = match_tasks(&tasks, &recs, &bad);
+    let mut inp = inputs(sessions, tasks, records, corrupt)?;
+    let m = match_tasks(&mut inp);
     let task_at = |slot: Option<&Option<usize>>| {
         slot.copied()
             .flatten()
-            .and_then(|ti| tasks.get(ti).copied())
+            .and_then(|ti| inp.tasks.get(ti).copied())
     };
-    let records = recs
+    let mut cancels: Vec<(&Task, CancelReason)> = inp
+        .tasks
         .iter()
-        .enumerate()
-        .map(|(i, r)| per_record(r, task_at(m.record_task.get(i))))
+        .zip(&m.leftover)
+        .filter_map(|(t, l)| l.map(|reason| (*t, reason)))
         .collect();
-    let quarantines = bad
-        .iter()
-        .enumerate()
-        .map(|(i, id)| Action::Quarantine {
-            id: *id,
-            task: task_at(m.corrupt_task.get(i)).map(Task::key),
+    cancels
+        .sort_unstable_by(|(a, _), (b, _)| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
+    let decide_range = |range: std::ops::Range<usize>| -> Vec<Action> {
+        let mut v = Vec::with_capacity(range.len());
+        for i in range {
+            if let Some((_, r)) = inp.recs.get(i) {
+                v.push(per_record(r, task_at(m.record_task.get(i))));
+            }
+        }
+        v
+    };
+    let n = inp.recs.len();
+    let mut actions = if n >= parallel_from {
+        // Deciding is independent per record: a large plan uses a second core.
+        let split = n / 2;
+        std::thread::scope(|s| {
+            let second = std::thread::Builder::new()
+                .name("waybill-plan".into())
+                .spawn_scoped(s, || decide_range(split..n));
+            let mut first = decide_range(0..split);
+            match second {
+                Ok(h) => first.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                Err(_) => first.extend(decide_range(split..n)),
+            }
+            first
         })
-        .collect();
-    Ok(assemble(records, quarantines, &tasks, &m.leftover))
+    } else {
+        decide_range(0..n)
+    };
+    if !inp.corrupt.is_empty() {
+        // Records and corrupt ids are both in id order: merge them.
+        let quarantines =
+            inp.corrupt
+                .iter()
+                .zip(&m.corrupt_task)
+                .map(|(id, slot)| Action::Quarantine {
+                    id: *id,
+                    task: task_at(Some(slot)).map(Task::key),
+                });
+        let mut merged = Vec::with_capacity(actions.len() + inp.corrupt.len() + cancels.len());
+        let mut q = quarantines.peekable();
+        for a in actions {
+            while let Some(next) = q.next_if(|x| x.transfer() < a.transfer()) {
+                merged.push(next);
+            }
+            merged.push(a);
+        }
+        merged.extend(q);
+        actions = merged;
+    }
+    actions.extend(cancels.into_iter().map(|(t, reason)| Action::Cancel {
+        task: t.key(),
+        reason,
+    }));
+    Ok(Plan { actions })
 }
 
 /// What applying a plan did.
@@ -908,6 +1016,10 @@ pub struct ApplyReport {
     pub claims_lost: Vec<TransferId>,
     /// Records another process had already removed or moved (skipped).
     pub gone: Vec<TransferId>,
+    /// Groups whose last member ended, claimed "finished" by this apply (see
+    /// [`Store::claim_group_finished`]): each group appears here once, across every apply and
+    /// process.
+    pub groups_finished: Vec<crate::GroupSummary>,
 }
 
 fn binding(task: &Option<TaskRef>) -> Option<TaskBinding> {
@@ -979,7 +1091,14 @@ impl Store {
     /// The first error other than a vanished record; the steps before it stay applied.
     pub fn apply(&self, plan: &Plan) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
+        let mut groups: BTreeSet<String> = BTreeSet::new();
         for a in &plan.actions {
+            if let Some(id) = a.transfer().filter(|_| a.ends_record())
+                && let Ok(t) = self.get(id)
+                && let Some(g) = t.manifest.group
+            {
+                groups.insert(g);
+            }
             let r = self.apply_one(a, &mut report);
             match r {
                 Ok(true) => report.applied += 1,
@@ -989,6 +1108,17 @@ impl Store {
                         report.gone.push(id);
                     }
                 }
+                Err(e) => return Err(e),
+            }
+        }
+        // A group finishes when its last member ends; a crash before this point leaves the
+        // claim to the next apply, which meets the same member again (delivered until
+        // acknowledged).
+        for g in groups {
+            match self.claim_group_finished(&g) {
+                Ok(crate::GroupClaim::Won(summary)) => report.groups_finished.push(summary),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
