@@ -48,6 +48,7 @@
     )
 )]
 
+mod check;
 mod error;
 mod format;
 mod fs;
@@ -57,6 +58,7 @@ mod store;
 mod transfer;
 mod value;
 
+pub use check::{CheckReport, GcReport, RecordPart, RepairReport, Stats, Unreadable};
 pub use error::{Corruption, Error, ErrorKind, Result};
 pub use format::FORMAT_VERSION;
 pub use group::{GroupClaim, GroupSummary};

@@ -44,6 +44,8 @@ pub struct StoreBuilder {
     flush_interval: Duration,
     staging_grace: Duration,
     clock: Clock,
+    create: bool,
+    clear_debris: bool,
 }
 
 impl fmt::Debug for StoreBuilder {
@@ -52,6 +54,8 @@ impl fmt::Debug for StoreBuilder {
             .field("lock_timeout", &self.lock_timeout)
             .field("flush_interval", &self.flush_interval)
             .field("staging_grace", &self.staging_grace)
+            .field("create", &self.create)
+            .field("clear_debris", &self.clear_debris)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +67,8 @@ impl Default for StoreBuilder {
             flush_interval: Duration::from_secs(1),
             staging_grace: Duration::from_secs(60),
             clock: Arc::new(SystemTime::now),
+            create: true,
+            clear_debris: true,
         }
     }
 }
@@ -96,9 +102,28 @@ impl StoreBuilder {
         self
     }
 
-    /// Opens the store at `root`, creating it if the directory is missing or empty.
+    /// Whether `open` creates a store that does not exist yet. Default `true`. With `false`,
+    /// opening a path without a store fails with [`ErrorKind::NotFound`] and creates nothing
+    /// (what an inspection tool wants).
+    pub fn create(mut self, create: bool) -> Self {
+        self.create = create;
+        self
+    }
+
+    /// Whether `open` clears debris no live process owns (unfinished creates in `staging/`,
+    /// interrupted removals in `trash/`). Default `true`. With `false` (and
+    /// [`StoreBuilder::create`] off), opening writes nothing: [`Store::check`] then reports
+    /// the debris as it is.
+    pub fn clear_debris(mut self, clear: bool) -> Self {
+        self.clear_debris = clear;
+        self
+    }
+
+    /// Opens the store at `root`, creating it if the directory is missing or empty (unless
+    /// [`StoreBuilder::create`] is off).
     ///
     /// # Errors
+    /// [`ErrorKind::NotFound`] when there is no store and creating is off;
     /// [`ErrorKind::UnsupportedVersion`] for a store written by a newer format,
     /// [`ErrorKind::Corrupt`] for a damaged `FORMAT` file, I/O errors.
     pub fn open(self, root: impl AsRef<Path>) -> Result<Store> {
@@ -400,6 +425,25 @@ impl Store {
     fn open_with(cfg: StoreBuilder, root: &Path) -> Result<Store> {
         let fs = Fs::default();
         let mut report = OpenReport::default();
+        if !cfg.create {
+            // Nothing is created: the root must be a directory holding a `FORMAT` file.
+            let format_path = root.join(FORMAT_FILE);
+            match fs.lstat(&format_path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => {
+                    return Err(Error::corrupt(
+                        &format_path,
+                        crate::error::Corruption::WrongType {
+                            found: "not a regular file".into(),
+                        },
+                    ));
+                }
+                Err(e) if e.is_not_found_io() => {
+                    return Err(Error::not_found(format!("a store at {}", root.display())));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         if fs.create_dir(root)?
             && let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty())
         {
@@ -443,8 +487,11 @@ impl Store {
         };
         // One cleaner at a time: a process that finds the root lock taken skips cleaning, since
         // the holder is cleaning the same debris.
-        if store.fs.try_lock(&lock_file, &lock_path)? {
-            store.clear_debris()?;
+        if store.cfg.clear_debris && store.fs.try_lock(&lock_file, &lock_path)? {
+            let d = store.clear_debris()?;
+            store.report.staging_cleared = d.staging_cleared;
+            store.report.staging_live = d.staging_live;
+            store.report.trash_cleared = d.trash_cleared;
         }
         store.scan_unknown()?;
         drop(lock_file);
@@ -452,9 +499,25 @@ impl Store {
     }
 }
 
+/// What clearing debris did.
+pub(crate) struct Debris {
+    pub(crate) staging_cleared: Vec<String>,
+    pub(crate) staging_live: Vec<String>,
+    pub(crate) trash_cleared: Vec<String>,
+}
+
 impl Store {
+    /// [`Store::clear_debris`] under the store's lock, waiting for it up to the lock timeout.
+    pub(crate) fn clear_debris_locked(&self) -> Result<Debris> {
+        let lock_path = self.root.join(LOCK_FILE);
+        let (f, _) = self.fs.open_or_create(&lock_path)?;
+        self.fs.lock(&f, &lock_path, self.cfg.lock_timeout)?;
+        self.clear_debris()
+    }
+
     /// Clears `staging/` debris that no live process owns, and interrupted removals in `trash/`.
-    fn clear_debris(&mut self) -> Result<()> {
+    /// The caller holds the store's lock.
+    fn clear_debris(&self) -> Result<Debris> {
         let staging = self.dir(STAGING);
         let mut cleared = Vec::new();
         let mut live = Vec::new();
@@ -510,13 +573,14 @@ impl Store {
                 Err(e) => tracing::warn!(transfer = %name, error = %e, "could not clear trash"),
             }
         }
-        self.report.staging_cleared = cleared;
-        self.report.staging_live = live;
-        self.report.trash_cleared = trashed;
-        Ok(())
+        Ok(Debris {
+            staging_cleared: cleared,
+            staging_live: live,
+            trash_cleared: trashed,
+        })
     }
 
-    fn older_than_grace(&self, path: &Path) -> Result<bool> {
+    pub(crate) fn older_than_grace(&self, path: &Path) -> Result<bool> {
         let age = self
             .fs
             .lstat(path)?
@@ -528,7 +592,7 @@ impl Store {
     }
 
     /// Clears one staging directory unless a live builder owns it. Returns whether it cleared.
-    fn clear_staged(&self, path: &Path) -> Result<bool> {
+    pub(crate) fn clear_staged(&self, path: &Path) -> Result<bool> {
         let state_path = path.join(STATE);
         // Hold the builder's lock (if we can take it) while deleting, so no builder can resume
         // in a directory being removed.
@@ -957,7 +1021,7 @@ impl Store {
     }
 
     /// [`Store::modify`]; `merge_pending` says whether coalesced progress rides along.
-    fn modify_with<R>(
+    pub(crate) fn modify_with<R>(
         &self,
         id: TransferId,
         op: &'static str,
