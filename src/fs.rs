@@ -4,10 +4,11 @@
 //! A failed sync poisons the [`Fs`]: data may be gone even if a later sync succeeds, so every
 //! later operation fails until the store is reopened.
 
+use std::fmt;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[cfg(unix)]
@@ -19,11 +20,20 @@ use crate::error::{Corruption, Error, ErrorKind, Result};
 pub(crate) const FILE_MODE: u32 = 0o600;
 /// Mode of directories the library creates.
 pub(crate) const DIR_MODE: u32 = 0o700;
+/// Bytes copied per read when a payload is copied.
+const COPY_CHUNK: usize = 256 * 1024;
 
-/// The file system seam, with the store's poison flag.
-#[derive(Debug, Default)]
+/// The store's file system primitives over one [`Backend`], with the store's poison flag.
+#[derive(Debug)]
 pub(crate) struct Fs {
     poisoned: Mutex<Option<String>>,
+    b: Arc<dyn Backend>,
+}
+
+impl Default for Fs {
+    fn default() -> Self {
+        Fs::new(Arc::new(Real))
+    }
 }
 
 /// What a directory listing found, without following links.
@@ -40,6 +50,127 @@ pub(crate) enum Placed {
     Linked,
     Copied,
 }
+
+/// The one seam between the store and the file system: every call the store makes goes
+/// through it. The default methods are the real file system (std); a test backend overrides
+/// them to count calls and inject faults.
+pub(crate) trait Backend: Send + Sync + fmt::Debug {
+    /// Opens a file as `o` says (never through a symlink: the caller sets `O_NOFOLLOW`).
+    fn open(&self, path: &Path, o: &OpenOptions) -> io::Result<File> {
+        o.open(path)
+    }
+
+    /// Reads from the current position to the end, at most `max` bytes, appending to `buf`.
+    fn read(&self, f: &File, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+        f.take(max).read_to_end(buf)
+    }
+
+    /// Writes all of `bytes` at `offset`.
+    fn write_at(&self, f: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            f.write_all_at(bytes, offset)
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut w = f;
+            w.seek(SeekFrom::Start(offset))?;
+            w.write_all(bytes)
+        }
+    }
+
+    /// Writes all of `bytes` at the current position (appends, copies).
+    fn write(&self, mut f: &File, bytes: &[u8]) -> io::Result<()> {
+        f.write_all(bytes)
+    }
+
+    /// Sets a file's length.
+    fn set_len(&self, f: &File, len: u64) -> io::Result<()> {
+        f.set_len(len)
+    }
+
+    /// Syncs a file's data.
+    fn sync_data(&self, f: &File) -> io::Result<()> {
+        f.sync_data()
+    }
+
+    /// Opens a directory to sync it.
+    fn open_dir(&self, dir: &Path) -> io::Result<File> {
+        File::open(dir)
+    }
+
+    /// Syncs a directory's entries.
+    fn sync_dir(&self, dir: &File) -> io::Result<()> {
+        dir.sync_all()
+    }
+
+    /// Creates a directory with `mode`.
+    fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {
+        let mut b = fs::DirBuilder::new();
+        #[cfg(unix)]
+        b.mode(mode);
+        #[cfg(not(unix))]
+        let _ = mode;
+        b.create(path)
+    }
+
+    /// Renames an entry.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    /// Creates a hard link.
+    fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()> {
+        fs::hard_link(src, dst)
+    }
+
+    /// Removes a file.
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    /// Removes a directory and everything below it, never following symlinks.
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir_all(path)
+    }
+
+    /// Lists a directory, without following links.
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        for ent in fs::read_dir(dir)? {
+            let ent = ent?;
+            let ft = ent.file_type()?;
+            out.push(Entry {
+                name: ent.file_name(),
+                is_dir: ft.is_dir(),
+                is_symlink: ft.is_symlink(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Metadata of `path` itself (a symlink is not followed).
+    fn lstat(&self, path: &Path) -> io::Result<fs::Metadata> {
+        fs::symlink_metadata(path)
+    }
+
+    /// Metadata of an open file.
+    fn fstat(&self, f: &File) -> io::Result<fs::Metadata> {
+        f.metadata()
+    }
+
+    /// The absolute path with links resolved (an upload's source file, chosen by the app).
+    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
+        fs::canonicalize(path)
+    }
+}
+
+/// The real file system.
+#[derive(Debug, Default)]
+pub(crate) struct Real;
+
+impl Backend for Real {}
 
 fn nofollow(o: &mut OpenOptions) -> &mut OpenOptions {
     #[cfg(unix)]
@@ -80,6 +211,13 @@ fn open_error(op: &'static str, path: &Path, e: io::Error) -> Error {
 }
 
 impl Fs {
+    pub(crate) fn new(b: Arc<dyn Backend>) -> Self {
+        Fs {
+            poisoned: Mutex::new(None),
+            b,
+        }
+    }
+
     /// Fails if an earlier sync failed.
     pub(crate) fn check(&self) -> Result<()> {
         let g = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,7 +240,7 @@ impl Fs {
 
     /// Syncs a file's data (and the metadata needed to read it back). Poisons on failure.
     pub(crate) fn sync_data(&self, f: &File, path: &Path) -> Result<()> {
-        f.sync_data().map_err(|e| {
+        self.b.sync_data(f).map_err(|e| {
             let err = Error::io("sync", path, e);
             self.poison(&err);
             err
@@ -111,8 +249,11 @@ impl Fs {
 
     /// Syncs a directory so that entries created, renamed or removed in it persist.
     pub(crate) fn sync_dir(&self, dir: &Path) -> Result<()> {
-        let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-        d.sync_all().map_err(|e| {
+        let d = self
+            .b
+            .open_dir(dir)
+            .map_err(|e| Error::io("open directory", dir, e))?;
+        self.b.sync_dir(&d).map_err(|e| {
             let err = Error::io("sync directory", dir, e);
             self.poison(&err);
             err
@@ -121,15 +262,15 @@ impl Fs {
 
     /// Opens an existing file for reading, never through a symlink.
     pub(crate) fn open_read(&self, path: &Path) -> Result<File> {
-        nofollow(OpenOptions::new().read(true))
-            .open(path)
+        self.b
+            .open(path, nofollow(OpenOptions::new().read(true)))
             .map_err(|e| open_error("open", path, e))
     }
 
     /// Opens an existing file for reading and writing, never through a symlink.
     pub(crate) fn open_rw(&self, path: &Path) -> Result<File> {
-        nofollow(OpenOptions::new().read(true).write(true))
-            .open(path)
+        self.b
+            .open(path, nofollow(OpenOptions::new().read(true).write(true)))
             .map_err(|e| open_error("open", path, e))
     }
 
@@ -149,8 +290,8 @@ impl Fs {
         o.read(true).write(true).create_new(true);
         #[cfg(unix)]
         o.mode(FILE_MODE);
-        nofollow(&mut o)
-            .open(path)
+        self.b
+            .open(path, nofollow(&mut o))
             .map_err(|e| open_error("create", path, e))
     }
 
@@ -160,15 +301,15 @@ impl Fs {
         o.write(true).create(true).truncate(true);
         #[cfg(unix)]
         o.mode(FILE_MODE);
-        nofollow(&mut o)
-            .open(path)
+        self.b
+            .open(path, nofollow(&mut o))
             .map_err(|e| open_error("create", path, e))
     }
 
     /// Reads a whole file of at most `max` bytes, checking the size before allocating.
     pub(crate) fn read_bounded(&self, path: &Path, max: u64) -> Result<Vec<u8>> {
-        let mut f = self.open_read(path)?;
-        let meta = f.metadata().map_err(|e| Error::io("stat", path, e))?;
+        let f = self.open_read(path)?;
+        let meta = self.b.fstat(&f).map_err(|e| Error::io("stat", path, e))?;
         if !meta.is_file() {
             return Err(Error::corrupt(
                 path,
@@ -188,9 +329,8 @@ impl Fs {
             ));
         }
         let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-        (&mut f)
-            .take(max)
-            .read_to_end(&mut buf)
+        self.b
+            .read(&f, max, &mut buf)
             .map_err(|e| Error::io("read", path, e))?;
         Ok(buf)
     }
@@ -198,46 +338,36 @@ impl Fs {
     /// Reads up to `max` bytes from the start of an open file.
     pub(crate) fn read_prefix(&self, f: &File, path: &Path, max: u64) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
-        let r = f;
-        r.take(max)
-            .read_to_end(&mut buf)
+        self.b
+            .read(f, max, &mut buf)
             .map_err(|e| Error::io("read", path, e))?;
         Ok(buf)
     }
 
     /// Writes all of `bytes` at `offset`.
     pub(crate) fn write_at(&self, f: &File, path: &Path, offset: u64, bytes: &[u8]) -> Result<()> {
-        #[cfg(unix)]
-        {
-            f.write_all_at(bytes, offset)
-                .map_err(|e| Error::io("write", path, e))
-        }
-        #[cfg(not(unix))]
-        {
-            use std::io::{Seek, SeekFrom};
-            let mut w = f;
-            w.seek(SeekFrom::Start(offset))
-                .and_then(|_| w.write_all(bytes))
-                .map_err(|e| Error::io("write", path, e))
-        }
+        self.b
+            .write_at(f, offset, bytes)
+            .map_err(|e| Error::io("write", path, e))
     }
 
     /// Writes all of `bytes` at the current position.
-    pub(crate) fn write_all(&self, mut f: &File, path: &Path, bytes: &[u8]) -> Result<()> {
-        f.write_all(bytes).map_err(|e| Error::io("write", path, e))
+    pub(crate) fn write_all(&self, f: &File, path: &Path, bytes: &[u8]) -> Result<()> {
+        self.b
+            .write(f, bytes)
+            .map_err(|e| Error::io("write", path, e))
     }
 
     /// Sets a file's length.
     pub(crate) fn set_len(&self, f: &File, path: &Path, len: u64) -> Result<()> {
-        f.set_len(len).map_err(|e| Error::io("truncate", path, e))
+        self.b
+            .set_len(f, len)
+            .map_err(|e| Error::io("truncate", path, e))
     }
 
     /// Creates an owner-only directory. Returns false if it already existed as a directory.
     pub(crate) fn create_dir(&self, path: &Path) -> Result<bool> {
-        let mut b = fs::DirBuilder::new();
-        #[cfg(unix)]
-        b.mode(DIR_MODE);
-        match b.create(path) {
+        match self.b.create_dir(path, DIR_MODE) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let m = self.lstat(path)?;
@@ -258,17 +388,37 @@ impl Fs {
 
     /// Metadata of `path` itself (a symlink is not followed).
     pub(crate) fn lstat(&self, path: &Path) -> Result<fs::Metadata> {
-        fs::symlink_metadata(path).map_err(|e| Error::io("stat", path, e))
+        self.b.lstat(path).map_err(|e| Error::io("stat", path, e))
+    }
+
+    /// Length of an open file.
+    pub(crate) fn len(&self, f: &File, path: &Path) -> Result<u64> {
+        self.b
+            .fstat(f)
+            .map(|m| m.len())
+            .map_err(|e| Error::io("stat", path, e))
+    }
+
+    /// The absolute path of an app's file, links resolved, and its metadata.
+    pub(crate) fn resolve(&self, path: &Path) -> Result<(std::path::PathBuf, fs::Metadata)> {
+        let p = self
+            .b
+            .canonicalize(path)
+            .map_err(|e| Error::io("resolve", path, e))?;
+        let m = self.lstat(&p)?;
+        Ok((p, m))
     }
 
     /// Renames `from` to `to` (atomically replacing a file at `to`).
     pub(crate) fn rename(&self, from: &Path, to: &Path) -> Result<()> {
-        fs::rename(from, to).map_err(|e| Error::io("rename", from, e))
+        self.b
+            .rename(from, to)
+            .map_err(|e| Error::io("rename", from, e))
     }
 
     /// Removes a file; a missing file is not an error.
     pub(crate) fn remove_file(&self, path: &Path) -> Result<()> {
-        match fs::remove_file(path) {
+        match self.b.remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
             _ => Ok(()),
         }
@@ -276,15 +426,15 @@ impl Fs {
 
     /// Removes a directory tree without following symlinks; a missing tree is not an error.
     pub(crate) fn remove_tree(&self, path: &Path) -> Result<()> {
-        let is_dir = match fs::symlink_metadata(path) {
+        let is_dir = match self.b.lstat(path) {
             Ok(m) => m.is_dir(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io("stat", path, e)),
         };
         let r = if is_dir {
-            fs::remove_dir_all(path)
+            self.b.remove_dir_all(path)
         } else {
-            fs::remove_file(path)
+            self.b.remove_file(path)
         };
         match r {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io("remove", path, e)),
@@ -294,23 +444,11 @@ impl Fs {
 
     /// Lists a directory without following links. A missing directory lists as empty.
     pub(crate) fn list(&self, dir: &Path) -> Result<Vec<Entry>> {
-        let rd = match fs::read_dir(dir) {
-            Ok(rd) => rd,
+        let mut out = match self.b.list_dir(dir) {
+            Ok(v) => v,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(Error::io("list directory", dir, e)),
         };
-        let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| Error::io("list directory", dir, e))?;
-            let ft = ent
-                .file_type()
-                .map_err(|e| Error::io("stat", &ent.path(), e))?;
-            out.push(Entry {
-                name: ent.file_name(),
-                is_dir: ft.is_dir(),
-                is_symlink: ft.is_symlink(),
-            });
-        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -325,7 +463,7 @@ impl Fs {
         allow_copy: bool,
     ) -> Result<(Placed, File)> {
         if allow_link {
-            match fs::hard_link(src, dst) {
+            match self.b.hard_link(src, dst) {
                 Ok(()) => {
                     let f = self.open_read(dst)?;
                     return Ok((Placed::Linked, f));
@@ -336,9 +474,24 @@ impl Fs {
                 Err(e) => return Err(Error::io("hard link", src, e)),
             }
         }
-        let mut from = File::open(src).map_err(|e| Error::io("open", src, e))?;
-        let mut to = self.create_new(dst)?;
-        io::copy(&mut from, &mut to).map_err(|e| Error::io("copy", dst, e))?;
+        // The source is the app's file: it may be a symlink the app chose, so it is followed.
+        let from = self
+            .b
+            .open(src, OpenOptions::new().read(true))
+            .map_err(|e| Error::io("open", src, e))?;
+        let to = self.create_new(dst)?;
+        let mut chunk = Vec::with_capacity(COPY_CHUNK);
+        loop {
+            chunk.clear();
+            let n = self
+                .b
+                .read(&from, COPY_CHUNK as u64, &mut chunk)
+                .map_err(|e| Error::io("read", src, e))?;
+            if n == 0 {
+                break;
+            }
+            self.write_all(&to, dst, &chunk)?;
+        }
         Ok((Placed::Copied, to))
     }
 
@@ -366,8 +519,8 @@ impl Fs {
     /// True when `path` still names the same file as the open handle `f` (a rename or unlink
     /// by another process makes it false).
     pub(crate) fn still_at(&self, f: &File, path: &Path) -> Result<bool> {
-        let (dev, ino, _, _) = identity(f, path)?;
-        match fs::symlink_metadata(path) {
+        let (dev, ino, _, _) = self.identity(f, path)?;
+        match self.b.lstat(path) {
             #[cfg(unix)]
             Ok(m) => Ok(m.dev() == dev && m.ino() == ino),
             #[cfg(not(unix))]
@@ -398,23 +551,25 @@ fn eexist() -> i32 {
     }
 }
 
-/// Device, inode, size and modification time (ns) of an open file.
-pub(crate) fn identity(f: &File, path: &Path) -> Result<(u64, u64, u64, i128)> {
-    let m = f.metadata().map_err(|e| Error::io("stat", path, e))?;
-    #[cfg(unix)]
-    {
-        let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
-        Ok((m.dev(), m.ino(), m.len(), mtime))
-    }
-    #[cfg(not(unix))]
-    {
-        let mtime = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i128)
-            .unwrap_or(0);
-        Ok((0, 0, m.len(), mtime))
+impl Fs {
+    /// Device, inode, size and modification time (ns) of an open file.
+    pub(crate) fn identity(&self, f: &File, path: &Path) -> Result<(u64, u64, u64, i128)> {
+        let m = self.b.fstat(f).map_err(|e| Error::io("stat", path, e))?;
+        #[cfg(unix)]
+        {
+            let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
+            Ok((m.dev(), m.ino(), m.len(), mtime))
+        }
+        #[cfg(not(unix))]
+        {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0);
+            Ok((0, 0, m.len(), mtime))
+        }
     }
 }
 

@@ -139,7 +139,7 @@ impl Store {
         let path = d.join(PURGED);
         let (f, created) = self.fs.open_or_create(&path)?;
         self.fs.lock(&f, &path, self.lock_timeout())?;
-        let len = f.metadata().map_err(|e| Error::io("stat", &path, e))?.len();
+        let len = self.fs.len(&f, &path)?;
         // Append at a record boundary: a torn last record is overwritten.
         let at = len - len % TALLY_RECORD_LEN as u64;
         let rec = encode_record(id, outcome_code(outcome), bytes);

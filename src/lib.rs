@@ -50,6 +50,8 @@
 
 mod check;
 mod error;
+#[cfg(test)]
+mod faults;
 mod format;
 mod fs;
 mod group;

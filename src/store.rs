@@ -46,6 +46,7 @@ pub struct StoreBuilder {
     clock: Clock,
     create: bool,
     clear_debris: bool,
+    backend: Option<Arc<dyn crate::fs::Backend>>,
 }
 
 impl fmt::Debug for StoreBuilder {
@@ -69,6 +70,7 @@ impl Default for StoreBuilder {
             clock: Arc::new(SystemTime::now),
             create: true,
             clear_debris: true,
+            backend: None,
         }
     }
 }
@@ -116,6 +118,13 @@ impl StoreBuilder {
     /// the debris as it is.
     pub fn clear_debris(mut self, clear: bool) -> Self {
         self.clear_debris = clear;
+        self
+    }
+
+    /// Routes every file system call through `b` (tests: fault injection).
+    #[cfg(test)]
+    pub(crate) fn backend(mut self, b: Arc<dyn crate::fs::Backend>) -> Self {
+        self.backend = Some(b);
         self
     }
 
@@ -423,7 +432,7 @@ impl Store {
     }
 
     fn open_with(cfg: StoreBuilder, root: &Path) -> Result<Store> {
-        let fs = Fs::default();
+        let fs = cfg.backend.clone().map_or_else(Fs::default, Fs::new);
         let mut report = OpenReport::default();
         if !cfg.create {
             // Nothing is created: the root must be a directory holding a `FORMAT` file.
@@ -781,10 +790,7 @@ impl Store {
                 }
             }
             Some(UploadSource::File { path, link }) => {
-                let src = std::fs::canonicalize(&path)
-                    .map_err(|e| Error::io("resolve upload source", &path, e))?;
-                let meta = std::fs::metadata(&src)
-                    .map_err(|e| Error::io("stat upload source", &src, e))?;
+                let (src, meta) = self.fs.resolve(&path)?;
                 if !meta.is_file() {
                     return Err(Error::invalid(format!(
                         "the upload source {} is not a regular file",
@@ -797,7 +803,7 @@ impl Store {
                     link != LinkMode::Copy,
                     link != LinkMode::HardLink,
                 )?;
-                let (dev, ino, len, mtime_ns) = wfs::identity(&f, &payload_path)?;
+                let (dev, ino, len, mtime_ns) = self.fs.identity(&f, &payload_path)?;
                 // A linked file's data must be durable too before the transfer is: the caller
                 // may have written it moments ago. Syncing does not modify it.
                 to_sync.push((f, payload_path));
@@ -1677,10 +1683,7 @@ impl Store {
             }
             let path = dir.join(PARTIAL);
             let (f, created) = self.fs.open_or_create(&path)?;
-            let have = f
-                .metadata()
-                .map_err(|e| Error::io("stat", &path, e))?
-                .len();
+            let have = self.fs.len(&f, &path)?;
             if have < s.partial_len {
                 // Received bytes were lost outside our control; never pad with zeros. Resume
                 // from what is really there.
@@ -1827,7 +1830,7 @@ impl Store {
             }
             r => r?,
         };
-        let (dev, ino, len, mtime_ns) = wfs::identity(&f, &path)?;
+        let (dev, ino, len, mtime_ns) = self.fs.identity(&f, &path)?;
         let changed = |detail: String| -> Result<File> {
             Err(ErrorKind::PayloadChanged { id, detail }.into())
         };
