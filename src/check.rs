@@ -181,7 +181,7 @@ impl Store {
         }
         for e in self.fs.list(&self.dir(TRASH))? {
             let path = self.dir(TRASH).join(&e.name);
-            if canonical(&e.name).is_none() {
+            if canonical(&e.name).is_none() || !e.is_dir || e.is_symlink {
                 r.strays.push(path);
             } else {
                 r.trash_debris.push(path);
@@ -215,52 +215,53 @@ impl Store {
 
     fn check_record(&self, id: TransferId, dir: &Path, r: &mut CheckReport) -> Result<()> {
         r.records += 1;
+        let mut unreadable = |part, file: PathBuf, error| {
+            r.unreadable.push(Unreadable {
+                id,
+                part,
+                file,
+                error,
+            });
+        };
+        // Any failure to read one record (damage, a newer format, permissions, an I/O error)
+        // is a finding about that record, never the end of the walk.
         let manifest = match self.manifest(id) {
             Ok(m) => Some(m),
             Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => return Ok(()),
-            Err(e)
-                if e.is_corrupt() || matches!(e.kind(), ErrorKind::UnsupportedVersion { .. }) =>
-            {
-                r.unreadable.push(Unreadable {
-                    id,
-                    part: RecordPart::Manifest,
-                    file: dir.join(MANIFEST),
-                    error: e,
-                });
+            Err(e) => {
+                unreadable(RecordPart::Manifest, dir.join(MANIFEST), e);
                 None
             }
-            Err(e) => return Err(e),
         };
         let state_path = dir.join(STATE);
+        let mut ended = false;
         match self.fs.read_bounded(&state_path, state_fmt::MAX_FILE) {
             Ok(bytes) => {
                 let slots = state_fmt::decode_file(&bytes);
-                if let Err(e) = state_fmt::newest_or_corrupt(&state_path, &slots) {
-                    r.unreadable.push(Unreadable {
-                        id,
-                        part: RecordPart::State,
-                        file: state_path,
-                        error: e,
-                    });
+                match state_fmt::newest_or_corrupt(&state_path, &slots) {
+                    Ok((_, slot)) => ended = slot.state.phase.is_terminal(),
+                    Err(e) => unreadable(RecordPart::State, state_path, e),
                 }
             }
-            Err(e) if e.is_not_found_io() => r.unreadable.push(Unreadable {
-                id,
-                part: RecordPart::State,
-                file: state_path,
-                error: Error::not_found(format!("the state file of transfer {id}")),
-            }),
-            Err(e) if e.is_corrupt() => r.unreadable.push(Unreadable {
-                id,
-                part: RecordPart::State,
-                file: state_path,
-                error: e,
-            }),
-            Err(e) => return Err(e),
+            Err(e) if e.is_not_found_io() => {
+                if !self.still_there(dir) {
+                    return Ok(()); // removed while we looked
+                }
+                let e = Error::not_found(format!("the state file of transfer {id}"));
+                unreadable(RecordPart::State, state_path, e);
+            }
+            Err(e) => unreadable(RecordPart::State, state_path, e),
         }
         let kind = manifest.as_ref().map(|m| m.kind);
         let mut has_payload = false;
-        for e in self.fs.list(dir)? {
+        let entries = match self.fs.list(dir) {
+            Ok(v) => v,
+            Err(e) => {
+                unreadable(RecordPart::Manifest, dir.to_path_buf(), e);
+                return Ok(());
+            }
+        };
+        for e in entries {
             let name = e.name.to_string_lossy();
             let path = dir.join(&e.name);
             if e.is_symlink || e.is_dir {
@@ -275,7 +276,8 @@ impl Store {
                 r.orphans.push(path);
             }
         }
-        if kind == Some(Kind::Upload) && !has_payload {
+        // An upload that has ended needs no payload any more; one still to run does.
+        if kind == Some(Kind::Upload) && !has_payload && !ended && self.still_there(dir) {
             r.unreadable.push(Unreadable {
                 id,
                 part: RecordPart::Payload,
@@ -284,6 +286,25 @@ impl Store {
             });
         }
         Ok(())
+    }
+
+    fn still_there(&self, dir: &Path) -> bool {
+        self.fs.lstat(dir).is_ok()
+    }
+
+    /// True when `path` is `<root>/<dir>/<name>` with a canonical transfer id as `name`.
+    fn is_entry_of(&self, path: &Path, dir: &str) -> bool {
+        path.parent() == Some(self.dir(dir).as_path())
+            && path.file_name().and_then(canonical).is_some()
+    }
+
+    /// True when `path` lies inside the store (no `..`, below the root).
+    fn is_inside(&self, path: &Path) -> bool {
+        path.starts_with(self.root())
+            && path != self.root()
+            && !path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
     }
 
     /// Repairs what [`Store::check`] found: quarantines records whose manifest cannot be read,
@@ -295,51 +316,79 @@ impl Store {
     /// [`ErrorKind::Poisoned`] after a failed sync; other failures are listed in
     /// [`RepairReport::left`].
     pub fn repair(&self, found: &CheckReport) -> Result<RepairReport> {
+        self.fs.check()?;
         let mut out = RepairReport::default();
-        let left = |path: &Path, e: &Error, out: &mut RepairReport| {
-            out.left.push((path.to_path_buf(), e.to_string()));
+        let left = |path: &Path, why: String, out: &mut RepairReport| {
+            out.left.push((path.to_path_buf(), why));
         };
         for u in &found.unreadable {
             let done = match u.part {
-                RecordPart::Manifest => self.quarantine(u.id).map(|_| out.quarantined.push(u.id)),
+                // Only damage is quarantined. A newer format belongs to a newer app, and a
+                // permission or I/O error may pass: both are left as they are.
+                RecordPart::Manifest if u.error.is_corrupt() => {
+                    self.quarantine(u.id).map(|_| out.quarantined.push(u.id))
+                }
+                RecordPart::Manifest => {
+                    left(
+                        &u.file,
+                        format!("not damaged, so left alone: {}", u.error),
+                        &mut out,
+                    );
+                    Ok(())
+                }
                 RecordPart::State => self
                     .rewrite_state(u.id)
                     .map(|()| out.state_rewritten.push(u.id)),
-                RecordPart::Payload => self
-                    .fail(u.id, ErrorClass::Permanent, "the payload file is missing")
-                    .map(|_| out.failed.push(u.id)),
+                RecordPart::Payload => {
+                    match self.fail(u.id, ErrorClass::Permanent, "the payload file is missing") {
+                        Ok(crate::FailResult::GaveUp) => {
+                            out.failed.push(u.id);
+                            Ok(())
+                        }
+                        Ok(_) => {
+                            left(&u.file, "the transfer has already ended".into(), &mut out);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
             };
             match done {
                 Ok(()) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::Poisoned { .. }) => return Err(e),
                 // Quarantined above together with its manifest, or removed meanwhile.
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
-                Err(e) => left(&u.file, &e, &mut out),
+                Err(e) => left(&u.file, e.to_string(), &mut out),
             }
         }
         for path in found.staging_debris.iter().chain(&found.trash_debris) {
-            let cleared = if path.starts_with(self.dir(STAGING)) {
+            let cleared = if self.is_entry_of(path, STAGING) {
                 self.clear_staged(path)
-            } else {
+            } else if self.is_entry_of(path, TRASH) {
                 self.fs.remove_tree(path).map(|()| true)
+            } else {
+                left(path, "not debris of this store".into(), &mut out);
+                continue;
             };
             match cleared {
                 Ok(true) => out.cleared.push(path.clone()),
-                Ok(false) => out
-                    .left
-                    .push((path.clone(), "a live process owns it now".into())),
+                Ok(false) => left(path, "a live process owns it now".into(), &mut out),
                 Err(e) if e.is_not_found_io() => out.cleared.push(path.clone()),
-                Err(e) => left(path, &e, &mut out),
+                Err(e) => left(path, e.to_string(), &mut out),
             }
         }
         for d in [STAGING, TRASH] {
             self.fs.sync_dir(&self.dir(d))?;
         }
         for path in found.strays.iter().chain(&found.orphans) {
+            if !self.is_inside(path) {
+                left(path, "not inside this store".into(), &mut out);
+                continue;
+            }
             match self.move_aside(path) {
                 Ok(Some(to)) => out.moved.push((path.clone(), to)),
                 Ok(None) => {}
-                Err(e) => left(path, &e, &mut out),
+                Err(e) => left(path, e.to_string(), &mut out),
             }
         }
         Ok(out)
@@ -357,6 +406,16 @@ impl Store {
     /// when it is already gone.
     fn move_aside(&self, path: &Path) -> Result<Option<PathBuf>> {
         let parent = path.parent().unwrap_or(self.root());
+        // A file inside a record's directory moves under the record's lock, so no download
+        // step in another process is renaming it at the same moment.
+        let _held = match parent.file_name().and_then(canonical) {
+            Some(id) if self.is_entry_of(parent, TRANSFERS) => match self.lock_state(id) {
+                Ok((f, ..)) => Some(f),
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            _ => None,
+        };
         let rel = path
             .strip_prefix(self.root())
             .unwrap_or(path)

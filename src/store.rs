@@ -476,15 +476,24 @@ impl Store {
             }
             Err(e) => return Err(e),
         }
-        let mut made = false;
-        for d in [TRANSFERS, STAGING, TRASH, QUARANTINE, GROUPS] {
-            made |= fs.create_dir(&root.join(d))?;
-        }
         let lock_path = root.join(LOCK_FILE);
-        let (lock_file, lock_created) = fs.open_or_create(&lock_path)?;
-        if made || lock_created || report.created {
-            fs.sync_dir(root)?;
-        }
+        // A store opened without `create` gets nothing created (not even a missing directory
+        // or the lock file), so inspecting it writes nothing.
+        let lock_file = if cfg.create {
+            let mut made = false;
+            for d in [TRANSFERS, STAGING, TRASH, QUARANTINE, GROUPS] {
+                made |= fs.create_dir(&root.join(d))?;
+            }
+            let (f, lock_created) = fs.open_or_create(&lock_path)?;
+            if made || lock_created || report.created {
+                fs.sync_dir(root)?;
+            }
+            Some(f)
+        } else if cfg.clear_debris {
+            fs.open_rw(&lock_path).ok()
+        } else {
+            None
+        };
         let mut store = Store {
             root: root.to_path_buf(),
             fs,
@@ -496,7 +505,10 @@ impl Store {
         };
         // One cleaner at a time: a process that finds the root lock taken skips cleaning, since
         // the holder is cleaning the same debris.
-        if store.cfg.clear_debris && store.fs.try_lock(&lock_file, &lock_path)? {
+        if store.cfg.clear_debris
+            && let Some(f) = &lock_file
+            && store.fs.try_lock(f, &lock_path)?
+        {
             let d = store.clear_debris()?;
             store.report.staging_cleared = d.staging_cleared;
             store.report.staging_live = d.staging_live;
@@ -1005,7 +1017,7 @@ impl Store {
     /// still the one at `transfers/<id>/state`: a removal or quarantine in another process may
     /// have moved the directory while this one waited. Returns the file, its path, the
     /// directory, and whether the file was created (its directory then needs a sync).
-    fn lock_state(&self, id: TransferId) -> Result<(File, PathBuf, PathBuf, bool)> {
+    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(File, PathBuf, PathBuf, bool)> {
         for _ in 0..3 {
             let dir = self.checked_dir(id)?;
             let path = dir.join(STATE);

@@ -1,8 +1,9 @@
 //! The `waybill` command, driven as a user would: every command against temporary stores, with
 //! bad input for each (a missing store, a malformed id, an unknown phase, malformed task JSON, a
 //! file that does not exist, a store of a newer format). Every refusal has the right exit code,
-//! one sentence on stderr, and leaves `FORMAT`, `transfers/` and `quarantine/` byte-for-byte
-//! as they were.
+//! a message on stderr (one sentence from waybill; the argument parser's usage errors add a
+//! usage line), and leaves `FORMAT`, `transfers/` and `quarantine/` byte-for-byte as they
+//! were. Read commands and dry runs write nothing anywhere in the store.
 
 #![allow(
     clippy::unwrap_used,
@@ -98,6 +99,14 @@ fn refused(root: &Path, args: &[&str], code: i32) -> String {
     );
     let msg = r.stderr.trim();
     assert!(!msg.is_empty(), "{args:?}: no message");
+    if msg.starts_with("waybill: ") {
+        assert_eq!(
+            msg.lines().count(),
+            1,
+            "{args:?}: more than one line: {msg}"
+        );
+        assert!(msg.ends_with('.'), "{args:?}: not a sentence: {msg}");
+    }
     assert!(
         msg.starts_with("waybill: ") || msg.starts_with("error: "),
         "{args:?}: {msg}"
@@ -489,6 +498,12 @@ fn bad_input_is_refused_with_the_right_code_and_changes_nothing() {
     // Unknown phase and kind; malformed times and headers.
     assert!(refused(&root, &["ls", &r, "--phase", "done"], 2).contains("unknown phase"));
     refused(&root, &["ls", &r, "--kind", "sideways"], 2);
+    // A header the store refuses (no name) is the caller's input too.
+    refused(
+        &root,
+        &["create", &r, "--download", "https://x/", "--header", ": v"],
+        2,
+    );
     for (flag, value) in [
         ("--deadline", "tomorrow"),
         ("--header", "no colon"),
@@ -822,4 +837,99 @@ fn gc_clears_debris_no_live_process_owns_and_reports_it() {
     );
     assert!(!staged.exists() && young.exists() && !trashed.exists());
     assert_eq!(snapshot(&root), before, "gc touched no record");
+}
+
+/// Every file and directory below the root (including `lock`, `staging/`, `trash/`, `groups/`).
+fn whole(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut m = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        if meta.is_dir() {
+            m.insert(rel, None);
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else {
+            m.insert(rel, Some(std::fs::read(&p).unwrap_or_default()));
+        }
+    }
+    m
+}
+
+#[test]
+fn read_commands_and_dry_runs_write_nothing_anywhere() {
+    let (dir, root, r) = store();
+    let id = ok(&[
+        "create",
+        &r,
+        "--download",
+        "https://cdn.example/a",
+        "--session",
+        "bg",
+    ]);
+    // Debris, a missing lock file and a missing directory: none may be cleared or recreated.
+    let staged = root
+        .join("staging")
+        .join("66666666-6666-4666-8666-666666666666");
+    std::fs::create_dir(&staged).unwrap();
+    age(&staged);
+    std::fs::create_dir(
+        root.join("trash")
+            .join("77777777-7777-4777-8777-777777777777"),
+    )
+    .unwrap();
+    std::fs::remove_file(root.join("lock")).unwrap();
+    std::fs::remove_dir(root.join("groups")).unwrap();
+    let tasks = dir.path().join("tasks.json");
+    std::fs::write(
+        &tasks,
+        r#"[{"session": "bg", "task_id": 4, "url": "https://cdn.example/a"}]"#,
+    )
+    .unwrap();
+    let t = tasks.to_str().unwrap();
+    let before = whole(&root);
+    for (args, code) in [
+        (vec!["ls", &r], 0),
+        (vec!["--json", "show", &r, &id], 0),
+        (vec!["stats", &r], 0),
+        (vec!["fsck", &r], 3),
+        (vec!["reconcile", &r, "--tasks", t, "--session", "bg"], 0),
+        (vec!["reset", &r, "--tasks", t, "--all-sessions"], 0),
+    ] {
+        let run = wb(&args);
+        assert_eq!(run.code, code, "{args:?}: {}{}", run.stdout, run.stderr);
+        assert_eq!(whole(&root), before, "{args:?} wrote to the store");
+    }
+}
+
+#[test]
+fn a_missing_payload_fails_an_active_upload_once_and_is_no_problem_after_it_ended() {
+    let (_dir, root, r) = store();
+    let active = ok(&["create", &r, "--upload", "https://up.example/a", "--stdin"]);
+    let done = ok(&["create", &r, "--upload", "https://up.example/b", "--stdin"]);
+    ok(&["complete", &r, &done]);
+    for id in [&active, &done] {
+        std::fs::remove_file(root.join("transfers").join(id).join("payload")).unwrap();
+    }
+    let f = wb(&["--json", "fsck", &r]);
+    assert_eq!(f.code, 3);
+    let found = f.json()["unreadable"].clone();
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(found[0]["id"].as_str(), Some(active.as_str()));
+    assert_eq!(found[0]["part"], "payload");
+    let fixed = wb(&["--json", "fsck", &r, "--repair"]);
+    assert_eq!(fixed.code, 0, "{}", fixed.stdout);
+    assert_eq!(
+        fixed.json()["repaired"]["failed"],
+        serde_json::json!([active])
+    );
+    let shown = wb(&["--json", "show", &r, &active]).json();
+    assert_eq!(shown["outcome"]["result"], "failed");
+    // Ended now: delivered as failed, and no longer a problem.
+    assert_eq!(wb(&["fsck", &r]).code, 0);
+    let again = wb(&["--json", "fsck", &r, "--repair"]);
+    assert_eq!(again.code, 0);
+    assert_eq!(again.json()["repaired"]["failed"], serde_json::json!([]));
 }

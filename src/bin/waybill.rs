@@ -314,8 +314,14 @@ fn id(s: &str) -> Result<TransferId, Failure> {
 }
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
-    std::fs::read(path)
-        .map_err(|e| Failure::Usage(format!("cannot read {what} {}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| {
+        let m = format!("cannot read {what} {}: {e}", path.display());
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Failure::Usage(m)
+        } else {
+            Failure::Refused(sentence(&m))
+        }
+    })
 }
 
 fn header(s: &str) -> Result<(String, String), Failure> {
@@ -772,7 +778,11 @@ fn create(a: CreateArgs, out: &mut Output) -> Outcome {
         });
     }
     let store = open(&a.root)?;
-    let id = store.create(t)?;
+    // What `create` refuses as an invalid argument is the caller's input (a header, a name).
+    let id = store.create(t).map_err(|e| match e.kind() {
+        ErrorKind::InvalidArgument { .. } => Failure::Usage(e.to_string()),
+        _ => e.into(),
+    })?;
     out.emit(json!({"id": id.to_string()}), || id.to_string());
     Ok(())
 }
@@ -923,14 +933,18 @@ fn fsck(root: &Path, repair: bool, out: &mut Output) -> Outcome {
     let store = open(root)?;
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let mut shown = false;
+    let mut shown: Option<Instant> = None;
     let report = store.check(|done, total| {
-        if tty && (shown || started.elapsed().as_secs() >= 1) {
-            shown = true;
+        // After the first second, at most ten updates a second.
+        let due = shown.map_or(started.elapsed().as_secs() >= 1, |t| {
+            t.elapsed().as_millis() >= 100 || done == total
+        });
+        if tty && due {
+            shown = Some(Instant::now());
             eprint!("\rchecking records: {done}/{total}");
         }
     })?;
-    if shown {
+    if shown.is_some() {
         eprintln!();
     }
     let rel = |p: &Path| p.strip_prefix(root).unwrap_or(p).display().to_string();
@@ -985,7 +999,7 @@ fn fsck(root: &Path, repair: bool, out: &mut Output) -> Outcome {
     }
     let problems = report.problems();
     let mut left = problems;
-    if repair && problems > 0 {
+    if repair {
         let r = store.repair(&report)?;
         left = r.left.len();
         if let Some(o) = doc.as_object_mut() {

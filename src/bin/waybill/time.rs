@@ -139,6 +139,19 @@ mod tests {
             parse("2024-02-29T00:00:00Z").map(format),
             Ok("2024-02-29T00:00:00Z".into())
         );
+        assert_eq!(
+            parse("2000-02-29T12:00:00Z").map(format),
+            Ok("2000-02-29T12:00:00Z".into())
+        );
+        // Negative and positive offsets that cross a year boundary in UTC.
+        assert_eq!(
+            parse("2026-12-31T23:30:00-01:00").map(format),
+            Ok("2027-01-01T00:30:00Z".into())
+        );
+        assert_eq!(
+            parse("2027-01-01T00:30:00+01:00").map(format),
+            Ok("2026-12-31T23:30:00Z".into())
+        );
         for bad in [
             "",
             "2026-11-21",
@@ -147,6 +160,8 @@ mod tests {
             "2026-11-21T10:00:00",
             "2026-11-21T10:00:00+2",
             "1969-12-31T23:59:59Z",
+            "2100-02-29T00:00:00Z",
+            "1900-02-29T00:00:00Z",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
