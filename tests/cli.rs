@@ -66,26 +66,14 @@ fn ok(args: &[&str]) -> String {
 
 /// Every file and directory under `FORMAT`, `transfers/` and `quarantine/`, with contents.
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
-    let mut m = BTreeMap::new();
-    let mut stack: Vec<PathBuf> = ["FORMAT", "transfers", "quarantine"]
-        .iter()
-        .map(|n| root.join(n))
-        .collect();
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        let rel = p.strip_prefix(root).unwrap().to_path_buf();
-        if meta.is_dir() {
-            m.insert(rel, None);
-            for e in std::fs::read_dir(&p).unwrap() {
-                stack.push(e.unwrap().path());
-            }
-        } else {
-            m.insert(rel, Some(std::fs::read(&p).unwrap_or_default()));
-        }
-    }
-    m
+    whole(root)
+        .into_iter()
+        .filter(|(p, _)| {
+            ["FORMAT", "transfers", "quarantine"]
+                .iter()
+                .any(|top| p.starts_with(top))
+        })
+        .collect()
 }
 
 /// A command that must be refused with `code`, one clear sentence, and no change.

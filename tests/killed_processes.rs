@@ -274,10 +274,16 @@ fn verify(root: &Path, logs: &[PathBuf]) -> usize {
         }
         // Exactly as last logged, unless an operation is in doubt (then never less received).
         if !e.in_doubt && s.bytes_done != e.progress {
-            fail(format!("progress {} instead of {}", s.bytes_done, e.progress));
+            fail(format!(
+                "progress {} instead of {}",
+                s.bytes_done, e.progress
+            ));
         }
         if s.partial_len < e.partial || (!e.in_doubt && s.partial_len != e.partial) {
-            fail(format!("partial {} instead of {}", s.partial_len, e.partial));
+            fail(format!(
+                "partial {} instead of {}",
+                s.partial_len, e.partial
+            ));
         }
         if let Some(task) = e.task
             && !e.in_doubt
