@@ -93,15 +93,51 @@ fn worker(root: &Path, log_path: &Path, seed: u64) {
         log.write_all(format!("{line}\n").as_bytes()).unwrap();
     };
     let mut rng = Rng(seed | 1);
-    // (id, bytes reported, partial length) of the transfers this incarnation works on.
+    let slot = std::env::var("WAYBILL_SLOT").unwrap();
+    // (id, bytes reported, partial length) of this worker's transfers: what earlier
+    // incarnations left, as the store has it now, is taken up again (so work continues on
+    // records written by a killed process, and the store stays small); ended ones are cleared.
     let mut mine: Vec<(TransferId, u64, u64)> = Vec::new();
+    for t in store
+        .list(&waybill::Filter::all().group(slot.clone()))
+        .unwrap()
+    {
+        let id = t.id();
+        match t.state.phase {
+            Phase::Completed => {
+                ack(format!("try {id}"));
+                store.acknowledge(id).unwrap();
+                ack(format!("gone {id}"));
+            }
+            Phase::Cancelled | Phase::Failed => {
+                ack(format!("try {id}"));
+                store.remove(id).unwrap();
+                ack(format!("gone {id}"));
+            }
+            _ => {
+                // What an operation in doubt did is settled now: the log takes it as seen.
+                let s = &t.state;
+                let task = s
+                    .binding
+                    .as_ref()
+                    .map_or("-".into(), |b| b.task_id.to_string());
+                ack(format!(
+                    "seen {id} {} {} {task}",
+                    s.bytes_done, s.partial_len
+                ));
+                mine.push((id, s.bytes_done, s.partial_len));
+            }
+        }
+    }
     loop {
         let pick = rng.below(100);
         if mine.is_empty() || pick < 15 {
             let batch = 1 + rng.below(3) as usize;
             let items = (0..batch)
                 .map(|i| {
-                    NewTransfer::download(format!("https://cdn.example/{seed}/{i}")).session("bg")
+                    NewTransfer::download(format!("https://cdn.example/{seed}/{i}"))
+                        .session("bg")
+                        .group(slot.clone())
                 })
                 .collect();
             for id in store.create_batch(items).unwrap() {
@@ -204,9 +240,18 @@ fn expectations(logs: &[PathBuf]) -> BTreeMap<TransferId, Expect> {
             let Ok(id) = id.parse::<TransferId>() else {
                 continue; // a line cut short by the kill
             };
-            let n: Option<u64> = w.next().and_then(|s| s.parse().ok());
+            let rest: Vec<&str> = w.collect();
+            let n: Option<u64> = rest.first().and_then(|s| s.parse().ok());
             let e = m.entry(id).or_default();
             e.in_doubt = op == "try";
+            if op == "seen" {
+                let num = |i: usize| rest.get(i).and_then(|s| s.parse::<u64>().ok());
+                e.created = true;
+                e.progress = num(0).unwrap_or(0);
+                e.partial = num(1).unwrap_or(0);
+                e.task = num(2);
+                continue;
+            }
             match (op, n) {
                 ("create", _) => e.created = true,
                 ("progress", Some(n)) => e.progress = n,
@@ -318,8 +363,9 @@ fn verify(root: &Path, logs: &[PathBuf]) -> usize {
     lost
 }
 
-fn spawn(role: &str, root: &Path, log: &Path, seed: u64) -> Child {
+fn spawn(role: &str, root: &Path, log: &Path, seed: u64, slot: usize) -> Child {
     Command::new(std::env::current_exe().unwrap())
+        .env("WAYBILL_SLOT", format!("w{slot}"))
         .args(["--exact", "helper", "--test-threads=1", "--nocapture"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -368,7 +414,7 @@ fn sigkilled_workers_never_lose_an_acknowledged_operation() {
         let mut children: Vec<Child> = logs
             .iter()
             .enumerate()
-            .map(|(w, log)| spawn("worker", &root, log, seed ^ (round << 8) ^ w as u64))
+            .map(|(w, log)| spawn("worker", &root, log, seed ^ (round << 8) ^ w as u64, w))
             .collect();
         // Kill each at its own random moment, while it works.
         let mut order: Vec<(u64, usize)> = (0..WORKERS).map(|w| (5 + rng.below(60), w)).collect();
