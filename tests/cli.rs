@@ -103,6 +103,11 @@ fn refused(root: &Path, args: &[&str], code: i32) -> String {
     msg.to_owned()
 }
 
+/// Creates a download in session `bg` and returns its id.
+fn bg_download(r: &str, url: &str) -> String {
+    ok(&["create", r, "--download", url, "--session", "bg"])
+}
+
 fn store() -> (tempfile::TempDir, PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
@@ -158,14 +163,7 @@ fn every_command_works_on_a_real_store() {
     );
     assert_eq!(piped.code, 0, "{}", piped.stderr);
     let up2 = piped.json()["id"].as_str().unwrap().to_owned();
-    let down = ok(&[
-        "create",
-        &r,
-        "--download",
-        "https://cdn.example/c",
-        "--session",
-        "bg",
-    ]);
+    let down = bg_download(&r, "https://cdn.example/c");
     for id in [&up, &up2, &down] {
         assert_eq!(id.len(), 36, "create prints only the id: {id}");
     }
@@ -330,30 +328,9 @@ fn every_command_works_on_a_real_store() {
 #[test]
 fn reconcile_plans_without_changing_anything_until_applied() {
     let (dir, root, r) = store();
-    let a = ok(&[
-        "create",
-        &r,
-        "--download",
-        "https://cdn.example/a",
-        "--session",
-        "bg",
-    ]);
-    let b = ok(&[
-        "create",
-        &r,
-        "--download",
-        "https://cdn.example/b",
-        "--session",
-        "bg",
-    ]);
-    let c = ok(&[
-        "create",
-        &r,
-        "--download",
-        "https://cdn.example/c",
-        "--session",
-        "bg",
-    ]);
+    let a = bg_download(&r, "https://cdn.example/a");
+    let b = bg_download(&r, "https://cdn.example/b");
+    let c = bg_download(&r, "https://cdn.example/c");
     ok(&["bind", &r, &a, "--task", "1", "--tag", &a]);
     ok(&["bind", &r, &b, "--task", "2"]);
     let tasks = format!(
@@ -849,14 +826,7 @@ fn whole(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
 #[test]
 fn read_commands_and_dry_runs_write_nothing_anywhere() {
     let (dir, root, r) = store();
-    let id = ok(&[
-        "create",
-        &r,
-        "--download",
-        "https://cdn.example/a",
-        "--session",
-        "bg",
-    ]);
+    let id = bg_download(&r, "https://cdn.example/a");
     // Debris, a missing lock file and a missing directory: none may be cleared or recreated.
     let staged = root
         .join("staging")
