@@ -10,14 +10,13 @@
 //!   returned `Ok`), a create is whole or absent, no state is torn, payloads match their
 //!   manifests, and no staging or trash debris is left.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::fs::{Backend, Entry, Real};
+use crate::fs::{Backend, Entry, Handle, Meta, OpenMode, Real};
 use crate::{
     Durability, ErrorClass, ErrorKind, NewTransfer, Phase, Sessions, Store, Task, TaskBinding,
     Transfer, TransferId, UploadSource,
@@ -108,13 +107,13 @@ macro_rules! faulty {
 }
 
 impl Backend for Faulty {
-    fn open(&self, path: &Path, o: &OpenOptions) -> io::Result<File> {
+    fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle> {
         faulty!(self, "open", Call::Mutate, Real.open(path, o))
     }
-    fn read(&self, f: &File, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+    fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
         faulty!(self, "read", Call::Read, Real.read(f, max, buf))
     }
-    fn write_at(&self, f: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
         match self.tick("write_at", Call::Write) {
             Some(e) if self.fault == Fault::ShortWrite => {
                 let half = bytes.get(..bytes.len() / 2).unwrap_or_default();
@@ -125,7 +124,7 @@ impl Backend for Faulty {
             None => Real.write_at(f, offset, bytes),
         }
     }
-    fn write(&self, f: &File, bytes: &[u8]) -> io::Result<()> {
+    fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
         match self.tick("write", Call::Write) {
             Some(e) if self.fault == Fault::ShortWrite => {
                 Real.write(f, bytes.get(..bytes.len() / 2).unwrap_or_default())?;
@@ -135,16 +134,16 @@ impl Backend for Faulty {
             None => Real.write(f, bytes),
         }
     }
-    fn set_len(&self, f: &File, len: u64) -> io::Result<()> {
+    fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
         faulty!(self, "set_len", Call::Mutate, Real.set_len(f, len))
     }
-    fn sync_data(&self, f: &File) -> io::Result<()> {
+    fn sync_data(&self, f: &Handle) -> io::Result<()> {
         faulty!(self, "sync_data", Call::Sync, Real.sync_data(f))
     }
-    fn open_dir(&self, dir: &Path) -> io::Result<File> {
+    fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
         faulty!(self, "open_dir", Call::Read, Real.open_dir(dir))
     }
-    fn sync_dir(&self, dir: &File) -> io::Result<()> {
+    fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_dir", Call::Sync, Real.sync_dir(dir))
     }
     fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {
@@ -175,10 +174,10 @@ impl Backend for Faulty {
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>> {
         faulty!(self, "list_dir", Call::Read, Real.list_dir(dir))
     }
-    fn lstat(&self, path: &Path) -> io::Result<std::fs::Metadata> {
+    fn lstat(&self, path: &Path) -> io::Result<Meta> {
         faulty!(self, "lstat", Call::Read, Real.lstat(path))
     }
-    fn fstat(&self, f: &File) -> io::Result<std::fs::Metadata> {
+    fn fstat(&self, f: &Handle) -> io::Result<Meta> {
         faulty!(self, "fstat", Call::Read, Real.fstat(f))
     }
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {

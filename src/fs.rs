@@ -51,22 +51,180 @@ pub(crate) enum Placed {
     Copied,
 }
 
+/// An open file (or directory, for syncing) behind the seam.
+#[derive(Debug)]
+pub(crate) enum Handle {
+    /// A file of the real file system.
+    Real(File),
+    /// A file of the simulated file system.
+    #[cfg(test)]
+    Sim(crate::sim::SimFile),
+}
+
+impl Handle {
+    /// The std file under a real handle.
+    fn real(&self) -> io::Result<&File> {
+        match self {
+            Handle::Real(f) => Ok(f),
+            #[cfg(test)]
+            Handle::Sim(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a simulated file on the real file system",
+            )),
+        }
+    }
+
+    /// A second handle on the same open file (sharing its lock).
+    pub(crate) fn try_clone(&self) -> io::Result<Handle> {
+        match self {
+            Handle::Real(f) => f.try_clone().map(Handle::Real),
+            #[cfg(test)]
+            Handle::Sim(s) => Ok(Handle::Sim(s.dup())),
+        }
+    }
+
+    /// The std file, when this is one (a simulated file is not).
+    pub(crate) fn into_file(self) -> io::Result<File> {
+        match self {
+            Handle::Real(f) => Ok(f),
+            #[cfg(test)]
+            Handle::Sim(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a simulated file is not a std file",
+            )),
+        }
+    }
+}
+
+/// How to open a file. Never through a symlink unless `follow` is set.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct OpenMode {
+    pub read: bool,
+    pub write: bool,
+    /// Create if missing (owner-only).
+    pub create: bool,
+    /// Create, failing if anything exists.
+    pub create_new: bool,
+    pub truncate: bool,
+    /// Follow a symlink at the last component (only for the app's own files).
+    pub follow: bool,
+}
+
+/// What kind of entry a path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryType {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// The metadata the store uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub kind: EntryType,
+    pub len: u64,
+    pub dev: u64,
+    pub ino: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl Meta {
+    pub(crate) fn is_file(&self) -> bool {
+        self.kind == EntryType::File
+    }
+
+    pub(crate) fn is_dir(&self) -> bool {
+        self.kind == EntryType::Dir
+    }
+
+    pub(crate) fn is_symlink(&self) -> bool {
+        self.kind == EntryType::Symlink
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The modification time, when it is after the epoch.
+    pub(crate) fn modified(&self) -> Option<std::time::SystemTime> {
+        let ns = u64::try_from(self.mtime_ns).ok()?;
+        std::time::UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
+    }
+
+    fn from_std(m: &fs::Metadata) -> Meta {
+        let ft = m.file_type();
+        let kind = if ft.is_symlink() {
+            EntryType::Symlink
+        } else if ft.is_dir() {
+            EntryType::Dir
+        } else if ft.is_file() {
+            EntryType::File
+        } else {
+            EntryType::Other
+        };
+        #[cfg(unix)]
+        {
+            Meta {
+                kind,
+                len: m.len(),
+                dev: m.dev(),
+                ino: m.ino(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let mtime_ns = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos() as i128)
+                .unwrap_or(0);
+            Meta {
+                kind,
+                len: m.len(),
+                dev: 0,
+                ino: 0,
+                mtime_ns,
+            }
+        }
+    }
+}
+
 /// The one seam between the store and the file system: every call the store makes goes
-/// through it. The default methods are the real file system (std); a test backend overrides
-/// them to count calls and inject faults.
+/// through it. The default methods are the real file system (std); the simulated file system
+/// (tests) overrides all of them, and a fault-injecting backend wraps the real one.
 pub(crate) trait Backend: Send + Sync + fmt::Debug {
-    /// Opens a file as `o` says (never through a symlink: the caller sets `O_NOFOLLOW`).
-    fn open(&self, path: &Path, o: &OpenOptions) -> io::Result<File> {
-        o.open(path)
+    /// Opens a file as `o` says.
+    fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle> {
+        let mut oo = OpenOptions::new();
+        oo.read(o.read)
+            .write(o.write)
+            .create(o.create)
+            .create_new(o.create_new)
+            .truncate(o.truncate);
+        #[cfg(unix)]
+        {
+            if o.create || o.create_new {
+                oo.mode(FILE_MODE);
+            }
+            if !o.follow {
+                oo.custom_flags(libc::O_NOFOLLOW);
+            }
+        }
+        oo.open(path).map(Handle::Real)
     }
 
     /// Reads from the current position to the end, at most `max` bytes, appending to `buf`.
-    fn read(&self, f: &File, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
-        f.take(max).read_to_end(buf)
+    fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+        f.real()?.take(max).read_to_end(buf)
     }
 
     /// Writes all of `bytes` at `offset`.
-    fn write_at(&self, f: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let f = f.real()?;
         #[cfg(unix)]
         {
             f.write_all_at(bytes, offset)
@@ -81,28 +239,28 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     }
 
     /// Writes all of `bytes` at the current position (appends, copies).
-    fn write(&self, mut f: &File, bytes: &[u8]) -> io::Result<()> {
-        f.write_all(bytes)
+    fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
+        f.real()?.write_all(bytes)
     }
 
     /// Sets a file's length.
-    fn set_len(&self, f: &File, len: u64) -> io::Result<()> {
-        f.set_len(len)
+    fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
+        f.real()?.set_len(len)
     }
 
     /// Syncs a file's data.
-    fn sync_data(&self, f: &File) -> io::Result<()> {
-        f.sync_data()
+    fn sync_data(&self, f: &Handle) -> io::Result<()> {
+        f.real()?.sync_data()
     }
 
     /// Opens a directory to sync it.
-    fn open_dir(&self, dir: &Path) -> io::Result<File> {
-        File::open(dir)
+    fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
+        File::open(dir).map(Handle::Real)
     }
 
     /// Syncs a directory's entries.
-    fn sync_dir(&self, dir: &File) -> io::Result<()> {
-        dir.sync_all()
+    fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
+        dir.real()?.sync_all()
     }
 
     /// Creates a directory with `mode`.
@@ -151,18 +309,27 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     }
 
     /// Metadata of `path` itself (a symlink is not followed).
-    fn lstat(&self, path: &Path) -> io::Result<fs::Metadata> {
-        fs::symlink_metadata(path)
+    fn lstat(&self, path: &Path) -> io::Result<Meta> {
+        fs::symlink_metadata(path).map(|m| Meta::from_std(&m))
     }
 
     /// Metadata of an open file.
-    fn fstat(&self, f: &File) -> io::Result<fs::Metadata> {
-        f.metadata()
+    fn fstat(&self, f: &Handle) -> io::Result<Meta> {
+        f.real()?.metadata().map(|m| Meta::from_std(&m))
     }
 
     /// The absolute path with links resolved (an upload's source file, chosen by the app).
     fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
         fs::canonicalize(path)
+    }
+
+    /// Tries an exclusive advisory lock on an open file. Ok(false) when another handle holds it.
+    fn try_lock(&self, f: &Handle) -> io::Result<bool> {
+        match f.real()?.try_lock() {
+            Ok(()) => Ok(true),
+            Err(TryLockError::WouldBlock) => Ok(false),
+            Err(TryLockError::Error(e)) => Err(e),
+        }
     }
 }
 
@@ -171,14 +338,6 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
 pub(crate) struct Real;
 
 impl Backend for Real {}
-
-fn nofollow(o: &mut OpenOptions) -> &mut OpenOptions {
-    #[cfg(unix)]
-    {
-        o.custom_flags(libc::O_NOFOLLOW);
-    }
-    o
-}
 
 /// True for errors that mean "this file system will not hard-link these two paths".
 fn link_refused(e: &io::Error) -> bool {
@@ -239,7 +398,7 @@ impl Fs {
     }
 
     /// Syncs a file's data (and the metadata needed to read it back). Poisons on failure.
-    pub(crate) fn sync_data(&self, f: &File, path: &Path) -> Result<()> {
+    pub(crate) fn sync_data(&self, f: &Handle, path: &Path) -> Result<()> {
         self.b.sync_data(f).map_err(|e| {
             let err = Error::io("sync", path, e);
             self.poison(&err);
@@ -261,22 +420,31 @@ impl Fs {
     }
 
     /// Opens an existing file for reading, never through a symlink.
-    pub(crate) fn open_read(&self, path: &Path) -> Result<File> {
+    pub(crate) fn open_read(&self, path: &Path) -> Result<Handle> {
+        let o = OpenMode {
+            read: true,
+            ..OpenMode::default()
+        };
         self.b
-            .open(path, nofollow(OpenOptions::new().read(true)))
+            .open(path, o)
             .map_err(|e| open_error("open", path, e))
     }
 
     /// Opens an existing file for reading and writing, never through a symlink.
-    pub(crate) fn open_rw(&self, path: &Path) -> Result<File> {
+    pub(crate) fn open_rw(&self, path: &Path) -> Result<Handle> {
+        let o = OpenMode {
+            read: true,
+            write: true,
+            ..OpenMode::default()
+        };
         self.b
-            .open(path, nofollow(OpenOptions::new().read(true).write(true)))
+            .open(path, o)
             .map_err(|e| open_error("open", path, e))
     }
 
     /// Opens (creating owner-only if missing) a file for reading and writing, never through a
     /// symlink. Returns whether it was created.
-    pub(crate) fn open_or_create(&self, path: &Path) -> Result<(File, bool)> {
+    pub(crate) fn open_or_create(&self, path: &Path) -> Result<(Handle, bool)> {
         match self.create_new(path) {
             Ok(f) => Ok((f, true)),
             Err(e) if e.raw_os_error() == Some(eexist()) => Ok((self.open_rw(path)?, false)),
@@ -285,24 +453,28 @@ impl Fs {
     }
 
     /// Creates a new owner-only file; fails if anything exists at `path`.
-    pub(crate) fn create_new(&self, path: &Path) -> Result<File> {
-        let mut o = OpenOptions::new();
-        o.read(true).write(true).create_new(true);
-        #[cfg(unix)]
-        o.mode(FILE_MODE);
+    pub(crate) fn create_new(&self, path: &Path) -> Result<Handle> {
+        let o = OpenMode {
+            read: true,
+            write: true,
+            create_new: true,
+            ..OpenMode::default()
+        };
         self.b
-            .open(path, nofollow(&mut o))
+            .open(path, o)
             .map_err(|e| open_error("create", path, e))
     }
 
     /// Creates or truncates an owner-only file, never through a symlink.
-    pub(crate) fn create_truncate(&self, path: &Path) -> Result<File> {
-        let mut o = OpenOptions::new();
-        o.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        o.mode(FILE_MODE);
+    pub(crate) fn create_truncate(&self, path: &Path) -> Result<Handle> {
+        let o = OpenMode {
+            write: true,
+            create: true,
+            truncate: true,
+            ..OpenMode::default()
+        };
         self.b
-            .open(path, nofollow(&mut o))
+            .open(path, o)
             .map_err(|e| open_error("create", path, e))
     }
 
@@ -336,7 +508,7 @@ impl Fs {
     }
 
     /// Reads up to `max` bytes from the start of an open file.
-    pub(crate) fn read_prefix(&self, f: &File, path: &Path, max: u64) -> Result<Vec<u8>> {
+    pub(crate) fn read_prefix(&self, f: &Handle, path: &Path, max: u64) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
         self.b
             .read(f, max, &mut buf)
@@ -345,21 +517,27 @@ impl Fs {
     }
 
     /// Writes all of `bytes` at `offset`.
-    pub(crate) fn write_at(&self, f: &File, path: &Path, offset: u64, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_at(
+        &self,
+        f: &Handle,
+        path: &Path,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
         self.b
             .write_at(f, offset, bytes)
             .map_err(|e| Error::io("write", path, e))
     }
 
     /// Writes all of `bytes` at the current position.
-    pub(crate) fn write_all(&self, f: &File, path: &Path, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_all(&self, f: &Handle, path: &Path, bytes: &[u8]) -> Result<()> {
         self.b
             .write(f, bytes)
             .map_err(|e| Error::io("write", path, e))
     }
 
     /// Sets a file's length.
-    pub(crate) fn set_len(&self, f: &File, path: &Path, len: u64) -> Result<()> {
+    pub(crate) fn set_len(&self, f: &Handle, path: &Path, len: u64) -> Result<()> {
         self.b
             .set_len(f, len)
             .map_err(|e| Error::io("truncate", path, e))
@@ -387,12 +565,12 @@ impl Fs {
     }
 
     /// Metadata of `path` itself (a symlink is not followed).
-    pub(crate) fn lstat(&self, path: &Path) -> Result<fs::Metadata> {
+    pub(crate) fn lstat(&self, path: &Path) -> Result<Meta> {
         self.b.lstat(path).map_err(|e| Error::io("stat", path, e))
     }
 
     /// Length of an open file.
-    pub(crate) fn len(&self, f: &File, path: &Path) -> Result<u64> {
+    pub(crate) fn len(&self, f: &Handle, path: &Path) -> Result<u64> {
         self.b
             .fstat(f)
             .map(|m| m.len())
@@ -400,7 +578,7 @@ impl Fs {
     }
 
     /// The absolute path of an app's file, links resolved, and its metadata.
-    pub(crate) fn resolve(&self, path: &Path) -> Result<(std::path::PathBuf, fs::Metadata)> {
+    pub(crate) fn resolve(&self, path: &Path) -> Result<(std::path::PathBuf, Meta)> {
         let p = self
             .b
             .canonicalize(path)
@@ -461,7 +639,7 @@ impl Fs {
         dst: &Path,
         allow_link: bool,
         allow_copy: bool,
-    ) -> Result<(Placed, File)> {
+    ) -> Result<(Placed, Handle)> {
         if allow_link {
             match self.b.hard_link(src, dst) {
                 Ok(()) => {
@@ -475,9 +653,14 @@ impl Fs {
             }
         }
         // The source is the app's file: it may be a symlink the app chose, so it is followed.
+        let follow = OpenMode {
+            read: true,
+            follow: true,
+            ..OpenMode::default()
+        };
         let from = self
             .b
-            .open(src, OpenOptions::new().read(true))
+            .open(src, follow)
             .map_err(|e| Error::io("open", src, e))?;
         let to = self.create_new(dst)?;
         let mut chunk = Vec::with_capacity(COPY_CHUNK);
@@ -496,14 +679,12 @@ impl Fs {
     }
 
     /// Takes an exclusive advisory lock, waiting at most `timeout`.
-    pub(crate) fn lock(&self, f: &File, path: &Path, timeout: Duration) -> Result<()> {
+    pub(crate) fn lock(&self, f: &Handle, path: &Path, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
         loop {
-            match f.try_lock() {
-                Ok(()) => return Ok(()),
-                Err(TryLockError::WouldBlock) => {}
-                Err(TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+            if self.try_lock(f, path)? {
+                return Ok(());
             }
             if start.elapsed() >= timeout {
                 return Err(ErrorKind::Busy {
@@ -518,11 +699,11 @@ impl Fs {
 
     /// True when `path` still names the same file as the open handle `f` (a rename or unlink
     /// by another process makes it false).
-    pub(crate) fn still_at(&self, f: &File, path: &Path) -> Result<bool> {
+    pub(crate) fn still_at(&self, f: &Handle, path: &Path) -> Result<bool> {
         let (dev, ino, _, _) = self.identity(f, path)?;
         match self.b.lstat(path) {
             #[cfg(unix)]
-            Ok(m) => Ok(m.dev() == dev && m.ino() == ino),
+            Ok(m) => Ok(m.dev == dev && m.ino == ino),
             #[cfg(not(unix))]
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -531,12 +712,8 @@ impl Fs {
     }
 
     /// Tries an exclusive advisory lock once. Returns false if another handle holds it.
-    pub(crate) fn try_lock(&self, f: &File, path: &Path) -> Result<bool> {
-        match f.try_lock() {
-            Ok(()) => Ok(true),
-            Err(TryLockError::WouldBlock) => Ok(false),
-            Err(TryLockError::Error(e)) => Err(Error::io("lock", path, e)),
-        }
+    pub(crate) fn try_lock(&self, f: &Handle, path: &Path) -> Result<bool> {
+        self.b.try_lock(f).map_err(|e| Error::io("lock", path, e))
     }
 }
 
@@ -553,23 +730,9 @@ fn eexist() -> i32 {
 
 impl Fs {
     /// Device, inode, size and modification time (ns) of an open file.
-    pub(crate) fn identity(&self, f: &File, path: &Path) -> Result<(u64, u64, u64, i128)> {
+    pub(crate) fn identity(&self, f: &Handle, path: &Path) -> Result<(u64, u64, u64, i128)> {
         let m = self.b.fstat(f).map_err(|e| Error::io("stat", path, e))?;
-        #[cfg(unix)]
-        {
-            let mtime = i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec());
-            Ok((m.dev(), m.ino(), m.len(), mtime))
-        }
-        #[cfg(not(unix))]
-        {
-            let mtime = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos() as i128)
-                .unwrap_or(0);
-            Ok((0, 0, m.len(), mtime))
-        }
+        Ok((m.dev, m.ino, m.len, m.mtime_ns))
     }
 }
 

@@ -56,6 +56,8 @@ mod format;
 mod fs;
 mod group;
 mod reconcile;
+#[cfg(test)]
+mod sim;
 mod store;
 mod transfer;
 mod value;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Corruption, Error, ErrorKind, Result};
 use crate::format::{self, manifest, state as state_fmt};
-use crate::fs::{self as wfs, Fs, Placed};
+use crate::fs::{self as wfs, Fs, Handle, Placed};
 use crate::transfer::{
     FailReason, Kind, LinkMode, Manifest, NewTransfer, Outcome, PayloadFacts, Phase, Request,
     State, TaskBinding, Transfer, TransferId, UploadSource,
@@ -314,9 +314,9 @@ struct Staged {
     id: TransferId,
     dir: PathBuf,
     /// The state file, locked for as long as the build runs so no cleaner takes the directory.
-    state: File,
+    state: Handle,
     /// Files whose data must be synced before the directory becomes visible.
-    to_sync: Vec<(File, PathBuf)>,
+    to_sync: Vec<(Handle, PathBuf)>,
     manifest: Manifest,
 }
 
@@ -606,7 +606,6 @@ impl Store {
             .fs
             .lstat(path)?
             .modified()
-            .ok()
             .and_then(|m| SystemTime::now().duration_since(m).ok())
             .unwrap_or(Duration::ZERO);
         Ok(age >= self.cfg.staging_grace)
@@ -1017,7 +1016,7 @@ impl Store {
     /// still the one at `transfers/<id>/state`: a removal or quarantine in another process may
     /// have moved the directory while this one waited. Returns the file, its path, the
     /// directory, and whether the file was created (its directory then needs a sync).
-    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(File, PathBuf, PathBuf, bool)> {
+    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
         for _ in 0..3 {
             let dir = self.checked_dir(id)?;
             let path = dir.join(STATE);
@@ -1207,11 +1206,13 @@ impl Store {
     /// # Errors
     /// The first I/O error met; the other transfers are still flushed.
     pub fn flush(&self) -> Result<()> {
-        let dirty: Vec<TransferId> = lock(&self.pending)
+        let mut dirty: Vec<TransferId> = lock(&self.pending)
             .iter()
             .filter(|(_, p)| p.dirty)
             .map(|(id, _)| *id)
             .collect();
+        // In id order, so the writes a flush makes come in the same order every time.
+        dirty.sort_unstable();
         let mut first = None;
         for id in dirty {
             match self.modify(id, "flush progress", |_, _, _| Ok(((), false))) {
@@ -1833,6 +1834,14 @@ impl Store {
     /// [`ErrorKind::PayloadChanged`] when it differs; [`ErrorKind::NotFound`] when there is
     /// none (a download not yet accepted).
     pub fn open_payload(&self, id: TransferId) -> Result<File> {
+        let path = self.transfer_dir(id).join(PAYLOAD);
+        self.checked_payload(id)?
+            .into_file()
+            .map_err(|e| Error::io("open", &path, e))
+    }
+
+    /// [`Store::open_payload`] behind the file system seam.
+    pub(crate) fn checked_payload(&self, id: TransferId) -> Result<Handle> {
         self.fs.check()?;
         let m = self.manifest(id)?;
         let path = self.checked_dir(id)?.join(PAYLOAD);
@@ -1843,7 +1852,7 @@ impl Store {
             r => r?,
         };
         let (dev, ino, len, mtime_ns) = self.fs.identity(&f, &path)?;
-        let changed = |detail: String| -> Result<File> {
+        let changed = |detail: String| -> Result<Handle> {
             Err(ErrorKind::PayloadChanged { id, detail }.into())
         };
         match m.payload {

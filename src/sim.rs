@@ -1,0 +1,975 @@
+//! A simulated file system in memory that can lose power.
+//!
+//! For every file it keeps the durable content apart from writes not yet synced, and every
+//! directory entry change (create, link, rename, unlink) stays pending until its directory is
+//! synced. A crash keeps any subset of the pending operations (see [`Snapshot::crash`]): a
+//! kept entry change drags along the earlier pending changes of the same name, and the last
+//! kept write may be torn at a 512-byte sector, its tail zeros or garbage. Everything is
+//! decided by seeds, so a failing case replays from its seed.
+//!
+//! The model follows SQLite's crash VFS and LevelDB's fault-injection environment, with
+//! directory entries handled as ALICE (OSDI 2014) found real file systems do: only a sync of
+//! the directory makes them durable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::fs::{Backend, Entry, EntryType, Handle, Meta, OpenMode};
+
+/// Sector size for torn writes.
+pub(crate) const SECTOR: u64 = 512;
+/// Inode number of `/`.
+const ROOT: u64 = 1;
+/// Every simulated file has this modification time (ns since the epoch): one second after it,
+/// so staging debris always counts as old.
+const MTIME_NS: i128 = 1_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Node {
+    File(Vec<u8>),
+    Dir(BTreeMap<OsString, u64>),
+}
+
+/// A whole file system: inodes by number. Inodes are allocated in every image at once, so an
+/// inode whose entry was lost is simply unreachable.
+#[derive(Debug, Clone)]
+pub(crate) struct Image {
+    nodes: HashMap<u64, Node>,
+}
+
+impl Image {
+    fn new() -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT, Node::Dir(BTreeMap::new()));
+        Image { nodes }
+    }
+
+    fn dir(&self, ino: u64) -> Option<&BTreeMap<OsString, u64>> {
+        match self.nodes.get(&ino) {
+            Some(Node::Dir(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn dir_mut(&mut self, ino: u64) -> Option<&mut BTreeMap<OsString, u64>> {
+        match self.nodes.get_mut(&ino) {
+            Some(Node::Dir(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn file_mut(&mut self, ino: u64) -> Option<&mut Vec<u8>> {
+        match self.nodes.get_mut(&ino) {
+            Some(Node::File(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Write { ino, off, bytes } => {
+                if let Some(d) = self.file_mut(*ino) {
+                    write_into(d, *off, bytes);
+                }
+            }
+            Op::SetLen { ino, len } => {
+                if let Some(d) = self.file_mut(*ino) {
+                    d.resize(usize::try_from(*len).unwrap_or(usize::MAX), 0);
+                }
+            }
+            Op::Link { dir, name, ino } => {
+                if let Some(d) = self.dir_mut(*dir) {
+                    d.insert(name.clone(), *ino);
+                }
+            }
+            Op::Unlink { dir, name, ino } => {
+                if let Some(d) = self.dir_mut(*dir)
+                    && d.get(name) == Some(ino)
+                {
+                    d.remove(name);
+                }
+            }
+            Op::Rename {
+                from,
+                from_name,
+                to,
+                to_name,
+                ino,
+            } => {
+                if let Some(d) = self.dir_mut(*from)
+                    && d.get(from_name) == Some(ino)
+                {
+                    d.remove(from_name);
+                }
+                if let Some(d) = self.dir_mut(*to) {
+                    d.insert(to_name.clone(), *ino);
+                }
+            }
+        }
+    }
+
+    /// Looks up `path` (absolute) from `/`.
+    fn lookup(&self, path: &Path) -> io::Result<u64> {
+        let mut cur = ROOT;
+        for c in path.components() {
+            match c {
+                Component::RootDir => cur = ROOT,
+                Component::Normal(name) => {
+                    let d = self.dir(cur).ok_or_else(|| errno(libc::ENOTDIR))?;
+                    cur = *d.get(name).ok_or_else(|| errno(libc::ENOENT))?;
+                }
+                Component::CurDir => {}
+                _ => return Err(errno(libc::EINVAL)),
+            }
+        }
+        Ok(cur)
+    }
+
+    /// The directory holding `path` and the last component's name.
+    fn parent(&self, path: &Path) -> io::Result<(u64, OsString)> {
+        let name = path.file_name().ok_or_else(|| errno(libc::EINVAL))?;
+        let parent = path.parent().ok_or_else(|| errno(libc::EINVAL))?;
+        let dir = self.lookup(parent)?;
+        if self.dir(dir).is_none() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        Ok((dir, name.to_os_string()))
+    }
+
+    fn meta(&self, ino: u64) -> io::Result<Meta> {
+        let (kind, len) = match self.nodes.get(&ino) {
+            Some(Node::File(d)) => (EntryType::File, d.len() as u64),
+            Some(Node::Dir(d)) => (EntryType::Dir, d.len() as u64),
+            None => return Err(errno(libc::ENOENT)),
+        };
+        Ok(Meta {
+            kind,
+            len,
+            dev: 1,
+            ino,
+            mtime_ns: MTIME_NS,
+        })
+    }
+
+    /// A hash of everything reachable from `/` (names, kinds, contents, and which names share
+    /// an inode), so equal trees hash equal whatever unreachable inodes they carry.
+    pub(crate) fn tree_hash(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut stack = vec![ROOT];
+        while let Some(ino) = stack.pop() {
+            ino.hash(&mut h);
+            match self.nodes.get(&ino) {
+                Some(Node::File(d)) => {
+                    0u8.hash(&mut h);
+                    d.hash(&mut h);
+                }
+                Some(Node::Dir(d)) => {
+                    1u8.hash(&mut h);
+                    for (name, child) in d {
+                        name.hash(&mut h);
+                        child.hash(&mut h);
+                        stack.push(*child);
+                    }
+                    2u8.hash(&mut h);
+                }
+                None => 3u8.hash(&mut h),
+            }
+        }
+        h.finish()
+    }
+
+    /// The names in the directory at `path` (empty when it is missing).
+    pub(crate) fn names(&self, path: &Path) -> Vec<String> {
+        self.lookup(path)
+            .ok()
+            .and_then(|ino| self.dir(ino))
+            .map(|d| d.keys().map(|k| k.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn write_into(d: &mut Vec<u8>, off: u64, bytes: &[u8]) {
+    let Ok(off) = usize::try_from(off) else {
+        return;
+    };
+    let end = off.saturating_add(bytes.len());
+    if d.len() < end {
+        d.resize(end, 0);
+    }
+    if let Some(dst) = d.get_mut(off..end) {
+        dst.copy_from_slice(bytes);
+    }
+}
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// One change to the file system, pending until a sync makes it durable.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Write {
+        ino: u64,
+        off: u64,
+        bytes: Vec<u8>,
+    },
+    SetLen {
+        ino: u64,
+        len: u64,
+    },
+    Link {
+        dir: u64,
+        name: OsString,
+        ino: u64,
+    },
+    Unlink {
+        dir: u64,
+        name: OsString,
+        ino: u64,
+    },
+    Rename {
+        from: u64,
+        from_name: OsString,
+        to: u64,
+        to_name: OsString,
+        ino: u64,
+    },
+}
+
+impl Op {
+    /// The directory entries this operation changes.
+    fn keys(&self) -> Vec<(u64, &OsStr)> {
+        match self {
+            Op::Write { .. } | Op::SetLen { .. } => Vec::new(),
+            Op::Link { dir, name, .. } | Op::Unlink { dir, name, .. } => vec![(*dir, name)],
+            Op::Rename {
+                from,
+                from_name,
+                to,
+                to_name,
+                ..
+            } => vec![(*from, from_name), (*to, to_name)],
+        }
+    }
+
+    fn data_of(&self) -> Option<u64> {
+        match self {
+            Op::Write { ino, .. } | Op::SetLen { ino, .. } => Some(*ino),
+            _ => None,
+        }
+    }
+}
+
+/// Marks, for every marked operation, the earlier pending ones that change the same directory
+/// entry: an entry's changes reach the disk in the order they were made.
+fn close_over_names(pending: &[Arc<Op>], marked: &mut [bool]) {
+    for i in (0..pending.len()).rev() {
+        if !marked.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        let Some(op) = pending.get(i) else { continue };
+        let keys = op.keys();
+        if keys.is_empty() {
+            continue;
+        }
+        for j in 0..i {
+            let Some(earlier) = pending.get(j) else {
+                continue;
+            };
+            if earlier.keys().iter().any(|k| keys.contains(k))
+                && let Some(m) = marked.get_mut(j)
+            {
+                *m = true;
+            }
+        }
+    }
+}
+
+/// The crash-relevant state at one moment: what is durable and what is still pending.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) durable: Arc<Image>,
+    pub(crate) pending: Vec<Arc<Op>>,
+    /// The seam call about to run (or "end" after the operation).
+    pub(crate) call: &'static str,
+}
+
+/// How the last kept write lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tear {
+    /// Whole.
+    None,
+    /// From sector `k` of the write on, zeros.
+    Zeros(u64),
+    /// From sector `k` of the write on, garbage from a seed.
+    Garbage(u64, u64),
+}
+
+impl Snapshot {
+    /// The disk after a power loss that kept the pending operations whose bit is set in `keep`
+    /// (plus those they depend on), with the last kept write landing as `tear` says.
+    pub(crate) fn crash(&self, keep: &[bool], tear: Tear) -> Image {
+        let mut marked: Vec<bool> = (0..self.pending.len())
+            .map(|i| keep.get(i).copied().unwrap_or(false))
+            .collect();
+        close_over_names(&self.pending, &mut marked);
+        let last_write = (0..self.pending.len()).rev().find(|&i| {
+            marked.get(i).copied().unwrap_or(false)
+                && matches!(self.pending.get(i).map(|o| &**o), Some(Op::Write { .. }))
+        });
+        let mut img = (*self.durable).clone();
+        for (i, op) in self.pending.iter().enumerate() {
+            if !marked.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            match (&**op, tear) {
+                (Op::Write { ino, off, bytes }, Tear::Zeros(k) | Tear::Garbage(k, _))
+                    if Some(i) == last_write =>
+                {
+                    let torn = torn_bytes(*off, bytes, tear, k);
+                    img.apply(&Op::Write {
+                        ino: *ino,
+                        off: *off,
+                        bytes: torn,
+                    });
+                }
+                _ => img.apply(op),
+            }
+        }
+        img
+    }
+
+    /// The distinct kept-sets after the dependency closure: all of them when there are at
+    /// most `2^max_bits`, otherwise `samples` drawn from `seed` (plus none and all).
+    pub(crate) fn keep_sets(&self, max_bits: u32, samples: usize, seed: u64) -> Vec<Vec<bool>> {
+        let n = self.pending.len();
+        let mut out: Vec<Vec<bool>> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut push = |mut m: Vec<bool>| {
+            close_over_names(&self.pending, &mut m);
+            if seen.insert(m.clone()) {
+                out.push(m);
+            }
+        };
+        if n as u32 <= max_bits {
+            for bits in 0u64..(1u64 << n) {
+                push((0..n).map(|i| bits >> i & 1 == 1).collect());
+            }
+        } else {
+            let mut rng = Rng(seed);
+            push(vec![false; n]);
+            push(vec![true; n]);
+            for _ in 0..samples {
+                push((0..n).map(|_| rng.next() & 1 == 1).collect());
+            }
+        }
+        out
+    }
+
+    /// The sectors of the last write `keep` keeps, if any: how many a tear can start at.
+    pub(crate) fn last_write_sectors(&self, keep: &[bool]) -> Option<u64> {
+        let mut marked = keep.to_vec();
+        close_over_names(&self.pending, &mut marked);
+        (0..self.pending.len()).rev().find_map(|i| {
+            if !marked.get(i).copied().unwrap_or(false) {
+                return None;
+            }
+            match self.pending.get(i).map(|o| &**o) {
+                Some(Op::Write { off, bytes, .. }) if !bytes.is_empty() => {
+                    let first = off / SECTOR;
+                    let last = (off + bytes.len() as u64 - 1) / SECTOR;
+                    Some(last - first + 1)
+                }
+                _ => None,
+            }
+        })
+    }
+}
+
+/// The bytes of a write torn from its `k`-th sector on.
+fn torn_bytes(off: u64, bytes: &[u8], tear: Tear, k: u64) -> Vec<u8> {
+    let cut = ((off / SECTOR + k) * SECTOR).max(off);
+    let keep = usize::try_from(cut - off)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let mut out = bytes.get(..keep).unwrap_or_default().to_vec();
+    let rest = bytes.len() - keep;
+    match tear {
+        Tear::Garbage(_, seed) => {
+            let mut rng = Rng(seed);
+            out.extend((0..rest).map(|_| rng.next() as u8));
+        }
+        _ => out.resize(bytes.len(), 0),
+    }
+    out
+}
+
+/// splitmix64: small, seedable, good enough to pick crash states.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    live: Image,
+    durable: Arc<Image>,
+    pending: Vec<Arc<Op>>,
+    next_ino: u64,
+    /// When set, a snapshot is taken before every call that changes anything.
+    recording: Option<Vec<Snapshot>>,
+}
+
+/// The simulated file system, shared by the store handles opened on it.
+#[derive(Debug)]
+pub(crate) struct Sim {
+    st: Mutex<State>,
+}
+
+/// An open simulated file.
+#[derive(Debug)]
+pub(crate) struct SimFile {
+    ino: u64,
+    pos: Arc<AtomicU64>,
+}
+
+impl SimFile {
+    pub(crate) fn dup(&self) -> SimFile {
+        SimFile {
+            ino: self.ino,
+            pos: Arc::clone(&self.pos),
+        }
+    }
+}
+
+fn sim(h: &Handle) -> io::Result<&SimFile> {
+    match h {
+        Handle::Sim(s) => Ok(s),
+        Handle::Real(_) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a real file on the simulated file system",
+        )),
+    }
+}
+
+impl Sim {
+    /// An empty file system, everything durable.
+    pub(crate) fn new() -> Arc<Sim> {
+        Sim::from_image(Image::new())
+    }
+
+    /// A file system whose disk is `img` (after a crash: nothing pending).
+    pub(crate) fn from_image(img: Image) -> Arc<Sim> {
+        let next_ino = img.nodes.keys().max().copied().unwrap_or(ROOT) + 1;
+        Arc::new(Sim {
+            st: Mutex::new(State {
+                live: img.clone(),
+                durable: Arc::new(img),
+                pending: Vec::new(),
+                next_ino,
+                recording: None,
+            }),
+        })
+    }
+
+    fn st(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts taking a snapshot before every changing call.
+    pub(crate) fn record(&self) {
+        self.st().recording = Some(Vec::new());
+    }
+
+    /// Stops recording and returns the snapshots, with a last one for "now".
+    pub(crate) fn take_snapshots(&self) -> Vec<Snapshot> {
+        let mut st = self.st();
+        let mut v = st.recording.take().unwrap_or_default();
+        v.push(Snapshot {
+            durable: Arc::clone(&st.durable),
+            pending: st.pending.clone(),
+            call: "end",
+        });
+        v
+    }
+
+    /// The state right now, as a crash would find it.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let st = self.st();
+        Snapshot {
+            durable: Arc::clone(&st.durable),
+            pending: st.pending.clone(),
+            call: "now",
+        }
+    }
+
+    /// What a reader sees now (written, synced or not).
+    pub(crate) fn live(&self) -> Image {
+        self.st().live.clone()
+    }
+
+    /// Writes a file that is durable at once (the app's own files, made before the test).
+    pub(crate) fn put_durable(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut st = self.st();
+        let st = &mut *st;
+        for dir in path
+            .ancestors()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .skip(1)
+        {
+            if dir == path {
+                break;
+            }
+            if st.live.lookup(dir).is_err() {
+                let (parent, name) = st.live.parent(dir)?;
+                let ino = alloc(st, Node::Dir(BTreeMap::new()));
+                let op = Op::Link {
+                    dir: parent,
+                    name,
+                    ino,
+                };
+                st.live.apply(&op);
+                Arc::make_mut(&mut st.durable).apply(&op);
+            }
+        }
+        let (parent, name) = st.live.parent(path)?;
+        let ino = alloc(st, Node::File(bytes.to_vec()));
+        let op = Op::Link {
+            dir: parent,
+            name,
+            ino,
+        };
+        st.live.apply(&op);
+        Arc::make_mut(&mut st.durable).apply(&op);
+        Ok(())
+    }
+}
+
+/// A new inode, present (unreachable) in the live and durable images alike.
+fn alloc(st: &mut State, node: Node) -> u64 {
+    let ino = st.next_ino;
+    st.next_ino += 1;
+    st.live.nodes.insert(ino, node.clone());
+    Arc::make_mut(&mut st.durable).nodes.insert(ino, node);
+    ino
+}
+
+impl State {
+    /// Before a changing call: take a snapshot when recording.
+    fn boundary(&mut self, call: &'static str) {
+        if let Some(rec) = &mut self.recording {
+            rec.push(Snapshot {
+                durable: Arc::clone(&self.durable),
+                pending: self.pending.clone(),
+                call,
+            });
+        }
+    }
+
+    fn push(&mut self, op: Op) {
+        self.live.apply(&op);
+        self.pending.push(Arc::new(op));
+    }
+
+    /// Makes the marked pending operations durable, in order.
+    fn flush(&mut self, mut marked: Vec<bool>) {
+        close_over_names(&self.pending, &mut marked);
+        if !marked.iter().any(|m| *m) {
+            return;
+        }
+        let durable = Arc::make_mut(&mut self.durable);
+        let mut rest = Vec::with_capacity(self.pending.len());
+        for (op, m) in self.pending.drain(..).zip(marked) {
+            if m {
+                durable.apply(&op);
+            } else {
+                rest.push(op);
+            }
+        }
+        self.pending = rest;
+    }
+
+    fn remove_tree(&mut self, dir: u64, name: OsString, ino: u64) {
+        if let Some(entries) = self.live.dir(ino).cloned() {
+            for (child_name, child) in entries {
+                self.remove_tree(ino, child_name, child);
+            }
+        }
+        self.push(Op::Unlink { dir, name, ino });
+    }
+}
+
+impl Backend for Sim {
+    fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle> {
+        let mut st = self.st();
+        let (dir, name) = st.live.parent(path)?;
+        let existing = st.live.dir(dir).and_then(|d| d.get(&name)).copied();
+        let ino = match existing {
+            Some(_) if o.create_new => return Err(errno(libc::EEXIST)),
+            Some(ino) => {
+                let is_dir = st.live.dir(ino).is_some();
+                if is_dir && o.write {
+                    return Err(errno(libc::EISDIR));
+                }
+                if o.truncate && o.write && !is_dir {
+                    st.boundary("open (truncate)");
+                    st.push(Op::SetLen { ino, len: 0 });
+                }
+                ino
+            }
+            None if o.create || o.create_new => {
+                st.boundary("open (create)");
+                let ino = alloc(&mut st, Node::File(Vec::new()));
+                st.push(Op::Link { dir, name, ino });
+                ino
+            }
+            None => return Err(errno(libc::ENOENT)),
+        };
+        Ok(Handle::Sim(SimFile {
+            ino,
+            pos: Arc::new(AtomicU64::new(0)),
+        }))
+    }
+
+    fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let f = sim(f)?;
+        let st = self.st();
+        let data = match st.live.nodes.get(&f.ino) {
+            Some(Node::File(d)) => d,
+            Some(Node::Dir(_)) => return Err(errno(libc::EISDIR)),
+            None => return Err(errno(libc::EBADF)),
+        };
+        let pos = usize::try_from(f.pos.load(Ordering::SeqCst)).unwrap_or(usize::MAX);
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let got = data.get(pos..).unwrap_or_default();
+        let got = got.get(..max.min(got.len())).unwrap_or_default();
+        buf.extend_from_slice(got);
+        f.pos.fetch_add(got.len() as u64, Ordering::SeqCst);
+        Ok(got.len())
+    }
+
+    fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let f = sim(f)?;
+        let mut st = self.st();
+        st.boundary("write_at");
+        st.push(Op::Write {
+            ino: f.ino,
+            off: offset,
+            bytes: bytes.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
+        let off = sim(f)?.pos.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        let mut st = self.st();
+        st.boundary("write");
+        st.push(Op::Write {
+            ino: sim(f)?.ino,
+            off,
+            bytes: bytes.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
+        let ino = sim(f)?.ino;
+        let mut st = self.st();
+        st.boundary("set_len");
+        st.push(Op::SetLen { ino, len });
+        Ok(())
+    }
+
+    fn sync_data(&self, f: &Handle) -> io::Result<()> {
+        let ino = sim(f)?.ino;
+        let mut st = self.st();
+        st.boundary("sync_data");
+        let marked = st
+            .pending
+            .iter()
+            .map(|o| o.data_of() == Some(ino))
+            .collect();
+        st.flush(marked);
+        Ok(())
+    }
+
+    fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
+        let st = self.st();
+        let ino = st.live.lookup(dir)?;
+        if st.live.dir(ino).is_none() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        Ok(Handle::Sim(SimFile {
+            ino,
+            pos: Arc::new(AtomicU64::new(0)),
+        }))
+    }
+
+    fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
+        let ino = sim(dir)?.ino;
+        let mut st = self.st();
+        st.boundary("sync_dir");
+        let marked = st
+            .pending
+            .iter()
+            .map(|o| o.keys().iter().any(|(d, _)| *d == ino))
+            .collect();
+        st.flush(marked);
+        Ok(())
+    }
+
+    fn create_dir(&self, path: &Path, _mode: u32) -> io::Result<()> {
+        let mut st = self.st();
+        let (dir, name) = st.live.parent(path)?;
+        if st.live.dir(dir).is_some_and(|d| d.contains_key(&name)) {
+            return Err(errno(libc::EEXIST));
+        }
+        st.boundary("create_dir");
+        let ino = alloc(&mut st, Node::Dir(BTreeMap::new()));
+        st.push(Op::Link { dir, name, ino });
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut st = self.st();
+        let (fd, fname) = st.live.parent(from)?;
+        let (td, tname) = st.live.parent(to)?;
+        let ino = st
+            .live
+            .dir(fd)
+            .and_then(|d| d.get(&fname))
+            .copied()
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let src_dir = st.live.dir(ino).is_some();
+        if let Some(old) = st.live.dir(td).and_then(|d| d.get(&tname)).copied() {
+            match (src_dir, st.live.dir(old)) {
+                (true, Some(d)) if !d.is_empty() => return Err(errno(libc::ENOTEMPTY)),
+                (true, None) => return Err(errno(libc::ENOTDIR)),
+                (false, Some(_)) => return Err(errno(libc::EISDIR)),
+                _ => {}
+            }
+        }
+        st.boundary("rename");
+        st.push(Op::Rename {
+            from: fd,
+            from_name: fname,
+            to: td,
+            to_name: tname,
+            ino,
+        });
+        Ok(())
+    }
+
+    fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()> {
+        let mut st = self.st();
+        let ino = st.live.lookup(src)?;
+        if st.live.dir(ino).is_some() {
+            return Err(errno(libc::EPERM));
+        }
+        let (dir, name) = st.live.parent(dst)?;
+        if st.live.dir(dir).is_some_and(|d| d.contains_key(&name)) {
+            return Err(errno(libc::EEXIST));
+        }
+        st.boundary("hard_link");
+        st.push(Op::Link { dir, name, ino });
+        Ok(())
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let mut st = self.st();
+        let (dir, name) = st.live.parent(path)?;
+        let ino = st
+            .live
+            .dir(dir)
+            .and_then(|d| d.get(&name))
+            .copied()
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        if st.live.dir(ino).is_some() {
+            return Err(errno(libc::EISDIR));
+        }
+        st.boundary("remove_file");
+        st.push(Op::Unlink { dir, name, ino });
+        Ok(())
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut st = self.st();
+        let (dir, name) = st.live.parent(path)?;
+        let ino = st
+            .live
+            .dir(dir)
+            .and_then(|d| d.get(&name))
+            .copied()
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        st.boundary("remove_dir_all");
+        st.remove_tree(dir, name, ino);
+        Ok(())
+    }
+
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>> {
+        let st = self.st();
+        let ino = st.live.lookup(dir)?;
+        let d = st.live.dir(ino).ok_or_else(|| errno(libc::ENOTDIR))?;
+        Ok(d.iter()
+            .map(|(name, child)| Entry {
+                name: name.clone(),
+                is_dir: st.live.dir(*child).is_some(),
+                is_symlink: false,
+            })
+            .collect())
+    }
+
+    fn lstat(&self, path: &Path) -> io::Result<Meta> {
+        let st = self.st();
+        let ino = st.live.lookup(path)?;
+        st.live.meta(ino)
+    }
+
+    fn fstat(&self, f: &Handle) -> io::Result<Meta> {
+        let ino = sim(f)?.ino;
+        self.st().live.meta(ino)
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.st().live.lookup(path)?;
+        Ok(path.to_path_buf())
+    }
+
+    fn try_lock(&self, f: &Handle) -> io::Result<bool> {
+        // One process at a time runs on a simulated file system.
+        sim(f).map(|_| true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> &Path {
+        Path::new(s)
+    }
+
+    fn read(img: &Image, path: &str) -> Option<Vec<u8>> {
+        match img.nodes.get(&img.lookup(p(path)).ok()?) {
+            Some(Node::File(d)) => Some(d.clone()),
+            _ => None,
+        }
+    }
+
+    fn create(s: &Sim, path: &str, bytes: &[u8]) -> Handle {
+        let o = OpenMode {
+            write: true,
+            create_new: true,
+            ..OpenMode::default()
+        };
+        let f = s.open(p(path), o).expect("create");
+        s.write_at(&f, 0, bytes).expect("write");
+        f
+    }
+
+    #[test]
+    fn unsynced_writes_and_entries_may_be_lost_synced_ones_never() {
+        let s = Sim::new();
+        s.create_dir(p("/d"), 0o700).expect("mkdir");
+        let f = create(&s, "/d/a", b"hello");
+        // Nothing synced: a crash may keep nothing, or the directory but not the file.
+        let snap = s.snapshot();
+        let none = snap.crash(&vec![false; snap.pending.len()], Tear::None);
+        assert!(none.lookup(p("/d")).is_err());
+        let all = snap.crash(&vec![true; snap.pending.len()], Tear::None);
+        assert_eq!(read(&all, "/d/a").as_deref(), Some(&b"hello"[..]));
+
+        s.sync_data(&f).expect("sync");
+        let d = s.open_dir(p("/d")).expect("open dir");
+        s.sync_dir(&d).expect("sync d");
+        // The data and the entry in /d are durable, but /d's own entry is not.
+        let snap = s.snapshot();
+        assert_eq!(snap.pending.len(), 1, "{:?}", snap.pending);
+        let root = s.open_dir(p("/")).expect("open /");
+        s.sync_dir(&root).expect("sync /");
+        let snap = s.snapshot();
+        assert!(snap.pending.is_empty());
+        assert_eq!(
+            read(&snap.crash(&[], Tear::None), "/d/a").as_deref(),
+            Some(&b"hello"[..])
+        );
+    }
+
+    #[test]
+    fn a_rename_needs_its_directory_synced_and_drags_its_source_along() {
+        let s = Sim::new();
+        for d in ["/a", "/b"] {
+            s.create_dir(p(d), 0o700).expect("mkdir");
+        }
+        let root = s.open_dir(p("/")).expect("/");
+        s.sync_dir(&root).expect("sync");
+        let f = create(&s, "/a/x", b"1");
+        s.sync_data(&f).expect("sync");
+        s.rename(p("/a/x"), p("/b/x")).expect("rename");
+        let snap = s.snapshot();
+        // Link in /a, then the rename: 4 subsets, 3 after the closure (rename alone drags the
+        // link along).
+        assert_eq!(snap.keep_sets(10, 0, 0).len(), 3);
+        let b = s.open_dir(p("/b")).expect("/b");
+        s.sync_dir(&b).expect("sync /b");
+        // Syncing /b made the rename and the link it depends on durable.
+        let snap = s.snapshot();
+        assert!(snap.pending.is_empty(), "{:?}", snap.pending);
+        let img = snap.crash(&[], Tear::None);
+        assert_eq!(read(&img, "/b/x").as_deref(), Some(&b"1"[..]));
+        assert!(read(&img, "/a/x").is_none());
+    }
+
+    #[test]
+    fn a_torn_write_keeps_whole_sectors_then_zeros_or_garbage() {
+        let s = Sim::new();
+        let f = create(&s, "/f", &[]);
+        let root = s.open_dir(p("/")).expect("/");
+        s.sync_dir(&root).expect("sync");
+        s.sync_data(&f).expect("sync");
+        s.write_at(&f, 100, &[7u8; 1000]).expect("write");
+        let snap = s.snapshot();
+        let keep = vec![true];
+        assert_eq!(snap.last_write_sectors(&keep), Some(3));
+        let zeros = read(&snap.crash(&keep, Tear::Zeros(1)), "/f").expect("file");
+        assert_eq!(zeros.len(), 1100);
+        assert!(zeros[100..512].iter().all(|b| *b == 7));
+        assert!(zeros[512..].iter().all(|b| *b == 0));
+        let garbage = read(&snap.crash(&keep, Tear::Garbage(0, 9)), "/f").expect("file");
+        assert_eq!(garbage.len(), 1100);
+        assert!(garbage[100..].iter().any(|b| *b != 7));
+        let whole = read(&snap.crash(&keep, Tear::None), "/f").expect("file");
+        assert!(whole[100..].iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn recording_snapshots_every_changing_call() {
+        let s = Sim::new();
+        s.record();
+        let f = create(&s, "/f", b"x");
+        s.sync_data(&f).expect("sync");
+        let snaps = s.take_snapshots();
+        let calls: Vec<_> = snaps.iter().map(|s| s.call).collect();
+        assert_eq!(calls, ["open (create)", "write_at", "sync_data", "end"]);
+        assert_eq!(snaps.last().map(|s| s.pending.len()), Some(1));
+    }
+}
