@@ -49,6 +49,8 @@
 )]
 
 mod check;
+#[cfg(test)]
+mod crash;
 mod error;
 #[cfg(test)]
 mod faults;

@@ -1,0 +1,819 @@
+//! Crash exploration on the simulated file system ([`crate::sim`]).
+//!
+//! Random operation sequences run against a store on a simulated disk and, beside it, a
+//! simple reference model of what each operation does. A snapshot is taken before every
+//! changing file system call. For every snapshot, the kept-subsets of its pending operations
+//! are enumerated (all of them up to 2^10, else 64 seeded ones), each also with the last kept
+//! write torn (zeros, garbage). Every distinct disk that yields is reopened and checked:
+//! - every create, update and remove that returned `Ok` survives, and nothing is older than
+//!   the last acknowledged durable write: each transfer is exactly as it was before the
+//!   interrupted operation or as it is after it (absent counts);
+//! - each transfer is whole or absent: no corrupt manifest, no torn or rebuilt state, its
+//!   payload bytes are the ones created;
+//! - a completion claimed once cannot be claimed again;
+//! - open and gc leave no staging or trash debris.
+//!
+//! For a sample of them the reopen itself is crashed at each of its calls and the result
+//! checked the same way. Every sequence comes from a seed: a violation prints it, and
+//! `WAYBILL_CRASH_SEED=<seed>` replays that sequence alone.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::sim::{Image, Rng, Sim, Snapshot, Tear};
+use crate::transfer::seeded_ids;
+use crate::{
+    Completion, Durability, ErrorClass, LinkMode, NewTransfer, Phase, Sessions, State, Store, Task,
+    TaskBinding, TransferId, UploadSource,
+};
+
+const ROOT: &str = "/store";
+const SESSION: &str = "bg";
+/// Kept-subsets are enumerated in full up to 2^MAX_BITS.
+const MAX_BITS: u32 = 10;
+/// Seeded kept-subsets above that.
+const SAMPLES: usize = 64;
+/// One crash state in this many also has its recovery crashed.
+const RECOVERY_EVERY: u64 = 16;
+/// Kept-subsets per snapshot when crashing a recovery.
+const RECOVERY_BITS: u32 = 4;
+const RECOVERY_SAMPLES: usize = 8;
+/// Operations per sequence.
+const STEPS: usize = 14;
+
+fn clock() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+fn open(sim: &Arc<Sim>) -> crate::Result<Store> {
+    Store::builder()
+        .backend(Arc::clone(sim) as Arc<dyn crate::fs::Backend>)
+        .clock(clock)
+        .staging_grace(Duration::ZERO)
+        .flush_interval(Duration::from_secs(3600))
+        .lock_timeout(Duration::from_millis(10))
+        .open(ROOT)
+}
+
+/// What the store holds for one transfer, as a reader sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct View {
+    state: State,
+    /// The upload body, or an accepted download.
+    payload: Option<Vec<u8>>,
+    /// The durable prefix of `partial` and the resume data (downloads not yet accepted).
+    partial: Vec<u8>,
+    resume: Option<Vec<u8>>,
+}
+
+type Views = BTreeMap<TransferId, View>;
+
+fn read_file(store: &Store, path: &Path) -> crate::Result<Vec<u8>> {
+    store.fs.read_bounded(path, 1 << 20)
+}
+
+fn view_of(store: &Store, t: &crate::Transfer) -> crate::Result<View> {
+    let id = t.id();
+    let s = &t.state;
+    let has_payload = t.manifest.kind == crate::Kind::Upload || s.downloaded;
+    let payload = if has_payload {
+        let h = store.checked_payload(id)?;
+        let path = store.payload_path(id);
+        Some(store.fs.read_prefix(&h, &path, 1 << 20)?)
+    } else {
+        None
+    };
+    let (partial, resume) = if t.manifest.kind == crate::Kind::Download && !s.downloaded {
+        let partial = if s.partial_len > 0 {
+            let mut p = read_file(store, &store.transfer_dir(id).join(crate::store::PARTIAL))?;
+            p.truncate(usize::try_from(s.partial_len).unwrap_or(usize::MAX));
+            p
+        } else {
+            Vec::new()
+        };
+        (partial, store.resume_data(id)?)
+    } else {
+        (Vec::new(), None)
+    };
+    Ok(View {
+        state: s.clone(),
+        payload,
+        partial,
+        resume,
+    })
+}
+
+/// Every transfer, with what a reader sees, and the problems a scan reports.
+fn views(store: &Store) -> Result<Views, String> {
+    let scan = store.scan().map_err(|e| format!("scan: {e}"))?;
+    if !scan.corrupt.is_empty() {
+        return Err(format!("corrupt transfers: {:?}", scan.corrupt));
+    }
+    if !scan.unknown.is_empty() {
+        return Err(format!("stray entries: {:?}", scan.unknown));
+    }
+    let mut out = Views::new();
+    for t in &scan.transfers {
+        let v = view_of(store, t).map_err(|e| format!("{}: {e}", t.id()))?;
+        out.insert(t.id(), v);
+    }
+    Ok(out)
+}
+
+/// One step of a sequence.
+#[derive(Debug, Clone)]
+enum Step {
+    Upload { len: usize, group: bool },
+    UploadFile { len: usize, link: LinkMode },
+    Download,
+    Batch(usize),
+    Bind(usize),
+    Progress(usize, u64, Durability),
+    Flush,
+    Complete(usize),
+    Fail(usize, bool),
+    Cancel(usize),
+    Acknowledge(usize),
+    Remove(usize),
+    Append(usize, usize),
+    ResumeData(usize, usize),
+    Accept(usize, usize),
+    ReconcileApply,
+    Gc,
+    Reopen,
+}
+
+/// The reference model's record of one transfer.
+#[derive(Debug, Clone, PartialEq)]
+struct Rec {
+    upload: bool,
+    phase: Phase,
+    failures: u32,
+    bytes_done: u64,
+    /// Coalesced progress not yet written.
+    coalesced: Option<u64>,
+    task: Option<u64>,
+    payload: Option<Vec<u8>>,
+    partial: Vec<u8>,
+    resume: Option<Vec<u8>>,
+    downloaded: bool,
+}
+
+impl Rec {
+    fn new(payload: Option<Vec<u8>>) -> Self {
+        Rec {
+            upload: payload.is_some(),
+            phase: Phase::Pending,
+            failures: 0,
+            bytes_done: 0,
+            coalesced: None,
+            task: None,
+            payload,
+            partial: Vec::new(),
+            resume: None,
+            downloaded: false,
+        }
+    }
+
+    fn terminal(&self) -> bool {
+        self.phase.is_terminal()
+    }
+
+    /// What a locked read-modify-write does first: coalesced progress rides along.
+    fn merge(&mut self) {
+        if let Some(c) = self.coalesced.take()
+            && !self.terminal()
+        {
+            self.bytes_done = c;
+        }
+    }
+
+    /// The part of a view the model predicts.
+    fn matches(&self, v: &View) -> bool {
+        let s = &v.state;
+        // The binding is predicted while running; a failure or cancel may keep it.
+        let binding_ok =
+            self.phase != Phase::Running || s.binding.as_ref().map(|b| b.task_id) == self.task;
+        s.phase == self.phase
+            && s.failures == self.failures
+            && s.bytes_done == self.bytes_done
+            && s.downloaded == self.downloaded
+            && binding_ok
+            && !s.rebuilt
+            && v.payload == self.payload
+            && (self.downloaded || (v.partial == self.partial && v.resume == self.resume))
+    }
+}
+
+/// The reference model: transfers in creation order.
+#[derive(Debug, Default)]
+struct Model {
+    ids: Vec<TransferId>,
+    recs: BTreeMap<TransferId, Rec>,
+    next_task: u64,
+    files: u64,
+}
+
+impl Model {
+    fn live(&self) -> Vec<TransferId> {
+        self.ids
+            .iter()
+            .filter(|id| self.recs.contains_key(id))
+            .copied()
+            .collect()
+    }
+
+    fn pick(&self, rng: &mut Rng, f: impl Fn(&Rec) -> bool) -> Option<usize> {
+        let ok: Vec<usize> = self
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| self.recs.get(id).is_some_and(&f))
+            .map(|(i, _)| i)
+            .collect();
+        let n = ok.len() as u64;
+        (n > 0)
+            .then(|| ok.get(rng.below(n) as usize).copied())
+            .flatten()
+    }
+
+    fn next_step(&self, rng: &mut Rng) -> Step {
+        let live = self.live().len();
+        loop {
+            let step = match rng.below(21) {
+                0 | 1 if live < 6 => Step::Upload {
+                    len: 1 + rng.below(1500) as usize,
+                    group: rng.below(2) == 0,
+                },
+                2 if live < 6 => Step::UploadFile {
+                    len: 1 + rng.below(1500) as usize,
+                    link: if rng.below(2) == 0 {
+                        LinkMode::HardLink
+                    } else {
+                        LinkMode::Copy
+                    },
+                },
+                3 | 4 if live < 6 => Step::Download,
+                5 if live < 5 => Step::Batch(2 + rng.below(2) as usize),
+                6 => match self.pick(rng, |r| !r.terminal()) {
+                    Some(i) => Step::Bind(i),
+                    None => continue,
+                },
+                7 | 8 => match self.pick(rng, |r| !r.terminal()) {
+                    Some(i) => Step::Progress(
+                        i,
+                        rng.below(1 << 20),
+                        if rng.below(2) == 0 {
+                            Durability::Immediate
+                        } else {
+                            Durability::Coalesced
+                        },
+                    ),
+                    None => continue,
+                },
+                9 => Step::Flush,
+                10 => match self.pick(rng, |_| true) {
+                    Some(i) => Step::Complete(i),
+                    None => continue,
+                },
+                11 => match self.pick(rng, |r| !r.terminal()) {
+                    Some(i) => Step::Fail(i, rng.below(4) == 0),
+                    None => continue,
+                },
+                12 => match self.pick(rng, |r| !r.terminal()) {
+                    Some(i) => Step::Cancel(i),
+                    None => continue,
+                },
+                13 => match self.pick(rng, |r| r.terminal()) {
+                    Some(i) => Step::Acknowledge(i),
+                    None => continue,
+                },
+                14 => match self.pick(rng, |_| true) {
+                    Some(i) => Step::Remove(i),
+                    None => continue,
+                },
+                15 => match self.pick(rng, |r| !r.upload && !r.terminal() && !r.downloaded) {
+                    Some(i) => Step::Append(i, 1 + rng.below(1200) as usize),
+                    None => continue,
+                },
+                16 => match self.pick(rng, |r| !r.upload && !r.downloaded) {
+                    Some(i) => Step::ResumeData(i, 1 + rng.below(700) as usize),
+                    None => continue,
+                },
+                17 => match self.pick(rng, |r| {
+                    !r.upload && !r.downloaded && r.phase != Phase::Cancelled
+                }) {
+                    Some(i) => Step::Accept(i, 1 + rng.below(2000) as usize),
+                    None => continue,
+                },
+                18 => Step::ReconcileApply,
+                19 => Step::Reopen,
+                20 => Step::Gc,
+                _ => continue,
+            };
+            return step;
+        }
+    }
+}
+
+fn bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
+    (0..len).map(|_| rng.next() as u8).collect()
+}
+
+fn url(i: u64) -> String {
+    format!("https://example.com/t/{i}")
+}
+
+/// Runs one step on the store and the model. Returns the ids it may have touched.
+fn exec(
+    step: &Step,
+    store: &mut Option<Store>,
+    sim: &Arc<Sim>,
+    model: &mut Model,
+    rng: &mut Rng,
+) -> Result<(), String> {
+    let e = |what: &str, err: crate::Error| format!("{what}: {err}");
+    if let Step::Reopen = step {
+        drop(store.take());
+        *store = Some(open(sim).map_err(|x| e("open", x))?);
+        for r in model.recs.values_mut() {
+            r.merge();
+        }
+        return Ok(());
+    }
+    let id_at = |model: &Model, i: usize| model.ids.get(i).copied().ok_or("no such id");
+    let s = store.as_ref().ok_or("no store")?;
+    match step {
+        Step::Upload { len, group } => {
+            let b = bytes(rng, *len);
+            model.files += 1;
+            let mut t = NewTransfer::upload(url(model.files), UploadSource::Bytes(b.clone()))
+                .session(SESSION);
+            if *group {
+                t = t.group("g");
+            }
+            let id = s.create(t).map_err(|x| e("create", x))?;
+            model.ids.push(id);
+            model.recs.insert(id, Rec::new(Some(b)));
+        }
+        Step::UploadFile { len, link } => {
+            let b = bytes(rng, *len);
+            model.files += 1;
+            let path = PathBuf::from(format!("/app/src-{}", model.files));
+            sim.put_durable(&path, &b)
+                .map_err(|x| format!("put: {x}"))?;
+            let t = NewTransfer::upload(url(model.files), UploadSource::File { path, link: *link })
+                .session(SESSION);
+            let id = s.create(t).map_err(|x| e("create", x))?;
+            model.ids.push(id);
+            model.recs.insert(id, Rec::new(Some(b)));
+        }
+        Step::Download => {
+            model.files += 1;
+            let id = s
+                .create(NewTransfer::download(url(model.files)).session(SESSION))
+                .map_err(|x| e("create", x))?;
+            model.ids.push(id);
+            model.recs.insert(id, Rec::new(None));
+        }
+        Step::Batch(n) => {
+            let mut items = Vec::new();
+            let mut payloads = Vec::new();
+            for k in 0..*n {
+                model.files += 1;
+                if k % 2 == 0 {
+                    let len = 1 + rng.below(900) as usize;
+                    let b = bytes(rng, len);
+                    items.push(
+                        NewTransfer::upload(url(model.files), UploadSource::Bytes(b.clone()))
+                            .session(SESSION)
+                            .group("g"),
+                    );
+                    payloads.push(Some(b));
+                } else {
+                    items.push(NewTransfer::download(url(model.files)).session(SESSION));
+                    payloads.push(None);
+                }
+            }
+            let ids = s.create_batch(items).map_err(|x| e("batch", x))?;
+            for (id, p) in ids.into_iter().zip(payloads) {
+                model.ids.push(id);
+                model.recs.insert(id, Rec::new(p));
+            }
+        }
+        Step::Bind(i) => {
+            let id = id_at(model, *i)?;
+            model.next_task += 1;
+            let task = model.next_task;
+            s.bind(
+                id,
+                TaskBinding {
+                    session: SESSION.into(),
+                    task_id: task,
+                    tag: Some(id.to_string()),
+                },
+            )
+            .map_err(|x| e("bind", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            r.merge();
+            r.phase = Phase::Running;
+            r.task = Some(task);
+        }
+        Step::Progress(i, done, d) => {
+            let id = id_at(model, *i)?;
+            s.progress(id, *done, Some(1 << 20), *d)
+                .map_err(|x| e("progress", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            match d {
+                Durability::Immediate => {
+                    r.merge();
+                    if !r.terminal() {
+                        r.bytes_done = *done;
+                    }
+                }
+                _ => r.coalesced = Some(*done),
+            }
+        }
+        Step::Flush => {
+            s.flush().map_err(|x| e("flush", x))?;
+            for r in model.recs.values_mut() {
+                r.merge();
+            }
+        }
+        Step::Complete(i) => {
+            let id = id_at(model, *i)?;
+            let c = s.complete(id, Some(200)).map_err(|x| e("complete", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            let was_terminal = r.terminal();
+            r.merge();
+            match c {
+                Completion::Won(_) if !was_terminal => r.phase = Phase::Completed,
+                Completion::Lost(_) if was_terminal => {}
+                c => return Err(format!("complete: {c:?} on a record in {:?}", r.phase)),
+            }
+        }
+        Step::Fail(i, permanent) => {
+            let id = id_at(model, *i)?;
+            let class = if *permanent {
+                ErrorClass::Permanent
+            } else {
+                ErrorClass::Transient
+            };
+            s.fail(id, class, "reset").map_err(|x| e("fail", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            r.merge();
+            if *permanent {
+                r.phase = Phase::Failed;
+            } else {
+                r.failures += 1;
+                r.phase = if r.failures >= 5 {
+                    Phase::Failed
+                } else {
+                    Phase::WaitingToRetry
+                };
+            }
+        }
+        Step::Cancel(i) => {
+            let id = id_at(model, *i)?;
+            s.cancel(id).map_err(|x| e("cancel", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            r.merge();
+            r.phase = Phase::Cancelled;
+        }
+        Step::Acknowledge(i) => {
+            let id = id_at(model, *i)?;
+            s.acknowledge(id).map_err(|x| e("acknowledge", x))?;
+            model.recs.remove(&id);
+        }
+        Step::Remove(i) => {
+            let id = id_at(model, *i)?;
+            s.remove(id).map_err(|x| e("remove", x))?;
+            model.recs.remove(&id);
+        }
+        Step::Append(i, len) => {
+            let id = id_at(model, *i)?;
+            let b = bytes(rng, *len);
+            s.append_received(id, &b).map_err(|x| e("append", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            r.merge();
+            r.partial.extend_from_slice(&b);
+            r.bytes_done = r.partial.len() as u64;
+        }
+        Step::ResumeData(i, len) => {
+            let id = id_at(model, *i)?;
+            let b = bytes(rng, *len);
+            s.store_resume_data(id, &b).map_err(|x| e("resume", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            r.merge();
+            r.resume = Some(b);
+        }
+        Step::Accept(i, len) => {
+            let id = id_at(model, *i)?;
+            let b = bytes(rng, *len);
+            model.files += 1;
+            let path = PathBuf::from(format!("/app/dl-{}", model.files));
+            sim.put_durable(&path, &b)
+                .map_err(|x| format!("put: {x}"))?;
+            s.accept_download(id, &path).map_err(|x| e("accept", x))?;
+            let r = model.recs.get_mut(&id).ok_or("model")?;
+            r.merge();
+            r.downloaded = true;
+            r.bytes_done = b.len() as u64;
+            r.payload = Some(b);
+        }
+        Step::ReconcileApply => {
+            // The platform still runs some bound tasks, finished others, forgot the rest.
+            let mut tasks = Vec::new();
+            for id in model.live() {
+                let Some(r) = model.recs.get(&id) else {
+                    continue;
+                };
+                if let (Some(task), Phase::Running) = (r.task, r.phase) {
+                    let t = Task::running(
+                        SESSION,
+                        task,
+                        s.get(id).map_err(|x| e("get", x))?.request().url.clone(),
+                    )
+                    .tag(id.to_string());
+                    match rng.below(3) {
+                        0 => tasks.push(t.completed(200)),
+                        1 => tasks.push(t),
+                        _ => {}
+                    }
+                }
+            }
+            let plan = s
+                .reconcile(&Sessions::only([SESSION]), &tasks, clock())
+                .map_err(|x| e("reconcile", x))?;
+            s.apply(&plan).map_err(|x| e("apply", x))?;
+            // The model follows the store here, after checking what the plan must do:
+            // cancelled records are purged, ended ones stay ended.
+            let after = views(s)?;
+            for id in model.live() {
+                let Some(r) = model.recs.get_mut(&id) else {
+                    continue;
+                };
+                match after.get(&id) {
+                    None if r.phase == Phase::Cancelled => {
+                        model.recs.remove(&id);
+                    }
+                    None => return Err(format!("reconcile dropped {id} in {:?}", r.phase)),
+                    Some(v) if r.terminal() && v.state.phase != r.phase => {
+                        return Err(format!("reconcile changed ended {id}"));
+                    }
+                    Some(v) => {
+                        // Coalesced progress rides along only when the plan wrote the record.
+                        if r.coalesced == Some(v.state.bytes_done) {
+                            r.coalesced = None;
+                        }
+                        r.phase = v.state.phase;
+                        r.failures = v.state.failures;
+                        r.bytes_done = v.state.bytes_done;
+                        r.task = v.state.binding.as_ref().map(|b| b.task_id);
+                    }
+                }
+            }
+        }
+        Step::Gc => {
+            s.gc().map_err(|x| e("gc", x))?;
+            model.recs.retain(|_, r| r.phase != Phase::Cancelled);
+        }
+        Step::Reopen => {}
+    }
+    Ok(())
+}
+
+/// Counts and the first violations.
+#[derive(Debug, Default)]
+struct Tally {
+    states: u64,
+    recovery_states: u64,
+    snapshots: u64,
+    violations: Vec<String>,
+}
+
+/// The disk a crash left, reopened (and gc'd) and checked: every transfer is as it was before
+/// the interrupted operation or as it is after it.
+/// When a gc was interrupted (`gc_ran`), a cancelled record may also be gone: gc purges them.
+fn check(img: Image, before: &Views, after: &Views, gc_ran: bool) -> Result<(), String> {
+    let sim = Sim::from_image(img);
+    let store = open(&sim).map_err(|e| format!("reopen failed: {e}"))?;
+    let got = views(&store)?;
+    let ids: std::collections::BTreeSet<&TransferId> = before
+        .keys()
+        .chain(after.keys())
+        .chain(got.keys())
+        .collect();
+    for id in ids {
+        let g = got.get(id);
+        let cancelled = |m: &Views| m.get(id).is_some_and(|v| v.state.phase == Phase::Cancelled);
+        let purged = gc_ran && g.is_none() && (cancelled(before) || cancelled(after));
+        // The operation's own change landed, the coalesced progress riding along did not
+        // (coalesced progress is never acknowledged as durable).
+        let unmerged = match (g, before.get(id), after.get(id)) {
+            (Some(g), Some(b), Some(a)) => {
+                let mut a = a.clone();
+                a.state.bytes_done = b.state.bytes_done;
+                a.state.bytes_total = b.state.bytes_total;
+                *g == a
+            }
+            _ => false,
+        };
+        if g != before.get(id) && g != after.get(id) && !purged && !unmerged {
+            return Err(format!(
+                "{id}: found {g:?}\n  before {:?}\n  after {:?}",
+                before.get(id),
+                after.get(id)
+            ));
+        }
+    }
+    // Ended before and after: a claim must lose.
+    for (id, v) in &got {
+        let ended = |m: &Views| m.get(id).is_some_and(|v| v.state.phase.is_terminal());
+        if v.state.phase.is_terminal() && ended(before) && ended(after) {
+            match store.complete(*id, Some(200)) {
+                Ok(Completion::Lost(_)) => {}
+                other => return Err(format!("{id}: ended, yet complete gave {other:?}")),
+            }
+        }
+    }
+    store.gc().map_err(|e| format!("gc: {e}"))?;
+    let live = sim.live();
+    for d in ["staging", "trash"] {
+        let left = live.names(&Path::new(ROOT).join(d));
+        if !left.is_empty() {
+            return Err(format!("{d} debris after open and gc: {left:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Explores every crash state of `snaps`: checks each distinct disk once.
+#[allow(clippy::too_many_arguments)]
+fn explore(
+    snaps: &[Snapshot],
+    before: &Views,
+    after: &Views,
+    seen: &mut HashSet<u64>,
+    rng: &mut Rng,
+    tally: &mut Tally,
+    what: &str,
+    recovery: bool,
+) {
+    let (bits, samples) = if recovery {
+        (RECOVERY_BITS, RECOVERY_SAMPLES)
+    } else {
+        (MAX_BITS, SAMPLES)
+    };
+    for (si, snap) in snaps.iter().enumerate() {
+        tally.snapshots += 1;
+        for keep in snap.keep_sets(bits, samples, rng.next()) {
+            let mut tears = vec![Tear::None];
+            if let Some(sectors) = snap.last_write_sectors(&keep) {
+                tears.push(Tear::Zeros(rng.below(sectors)));
+                tears.push(Tear::Garbage(rng.below(sectors), rng.next()));
+            }
+            for tear in tears {
+                let img = snap.crash(&keep, tear);
+                if !seen.insert(img.tree_hash()) {
+                    continue;
+                }
+                if recovery {
+                    tally.recovery_states += 1;
+                } else {
+                    tally.states += 1;
+                }
+                let recrash = !recovery && tally.states.is_multiple_of(RECOVERY_EVERY);
+                let img2 = recrash.then(|| img.clone());
+                if let Err(v) = check(img, before, after, recovery) {
+                    if tally.violations.len() < 5 {
+                        tally.violations.push(format!(
+                            "{what}, crash before call {si} ({}), kept {keep:?}, {tear:?}{}: {v}",
+                            snap.call,
+                            if recovery { " (during recovery)" } else { "" }
+                        ));
+                    }
+                    continue;
+                }
+                if let Some(img) = img2 {
+                    // Crash the recovery itself at each of its calls.
+                    let sim = Sim::from_image(img);
+                    sim.record();
+                    match open(&sim).and_then(|s| s.gc().map(drop)) {
+                        Ok(()) => {
+                            let snaps = sim.take_snapshots();
+                            let what = format!("{what}, recovering from crash {si}");
+                            explore(&snaps, before, after, seen, rng, tally, &what, true);
+                        }
+                        Err(e) => tally.violations.push(format!("{what}: recovery: {e}")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs the sequence of `seed`, exploring crashes at every call of every step.
+fn run_sequence(seed: u64, tally: &mut Tally) {
+    seeded_ids::seed(Some(seed));
+    let mut rng = Rng(seed);
+    let sim = Sim::new();
+    let mut model = Model::default();
+    let mut seen = HashSet::new();
+    let mut views_now = Views::new();
+    let mut store = None;
+    let mut steps: Vec<Step> = vec![Step::Reopen];
+    let mut i = 0;
+    while i < steps.len() {
+        let step = steps.get(i).cloned().unwrap_or(Step::Flush);
+        let what = format!(
+            "seed {seed}, step {i} {step:?} (steps {:?})",
+            steps.get(..i)
+        );
+        sim.record();
+        let r = exec(&step, &mut store, &sim, &mut model, &mut rng);
+        let snaps = sim.take_snapshots();
+        if let Err(e) = r {
+            tally
+                .violations
+                .push(format!("{what}: failed without a crash: {e}"));
+            break;
+        }
+        let after = match store.as_ref().map(views) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                tally.violations.push(format!("{what}: {e}"));
+                break;
+            }
+            None => Views::new(),
+        };
+        // The store agrees with the model.
+        let live: Vec<TransferId> = after.keys().copied().collect();
+        let want: Vec<TransferId> = model.recs.keys().copied().collect();
+        if live != want {
+            tally
+                .violations
+                .push(format!("{what}: transfers {live:?}, model {want:?}"));
+            break;
+        }
+        if let Some((id, r)) = model
+            .recs
+            .iter()
+            .find(|(id, r)| after.get(id).is_none_or(|v| !r.matches(v)))
+        {
+            tally
+                .violations
+                .push(format!("{what}: {id} is {:?}, model {r:?}", after.get(id)));
+            break;
+        }
+        let mut erng = Rng(rng.next());
+        explore(
+            &snaps, &views_now, &after, &mut seen, &mut erng, tally, &what, false,
+        );
+        views_now = after;
+        if steps.len() < STEPS {
+            steps.push(model.next_step(&mut rng));
+        }
+        i += 1;
+    }
+    drop(store);
+    seeded_ids::seed(None);
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn every_crash_state_of_random_sequences_keeps_what_was_acknowledged() {
+    let target = env_u64("WAYBILL_CRASH_STATES")
+        .or_else(|| env_u64("WAYBILL_SCALE").map(|k| k * 50_000))
+        .unwrap_or(50_000);
+    let mut tally = Tally::default();
+    let mut sequences = 0u64;
+    if let Some(seed) = env_u64("WAYBILL_CRASH_SEED") {
+        run_sequence(seed, &mut tally);
+        sequences = 1;
+    } else {
+        let first = env_u64("WAYBILL_SEED").unwrap_or(0x5eed);
+        while tally.states < target && tally.violations.is_empty() {
+            run_sequence(first.wrapping_add(sequences), &mut tally);
+            sequences += 1;
+        }
+    }
+    println!(
+        "crash states explored: {}, violations: {} ({} sequences, {} call boundaries, {} of them during recovery)",
+        tally.states + tally.recovery_states,
+        tally.violations.len(),
+        sequences,
+        tally.snapshots,
+        tally.recovery_states
+    );
+    assert!(
+        tally.violations.is_empty(),
+        "violations (replay one with WAYBILL_CRASH_SEED=<seed>):\n{}",
+        tally.violations.join("\n")
+    );
+}
