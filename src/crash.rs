@@ -40,6 +40,8 @@ const RECOVERY_EVERY: u64 = 16;
 /// Kept-subsets per snapshot when crashing a recovery.
 const RECOVERY_BITS: u32 = 4;
 const RECOVERY_SAMPLES: usize = 8;
+/// One crash state in this many has its recovery hit by an I/O error at each of its calls.
+const FAULT_EVERY: u64 = 256;
 /// Operations per sequence.
 const STEPS: usize = 14;
 
@@ -591,6 +593,8 @@ struct Tally {
     states: u64,
     recovery_states: u64,
     snapshots: u64,
+    /// Recoveries run with an injected I/O error.
+    faults: u64,
     violations: Vec<String>,
 }
 
@@ -686,7 +690,8 @@ fn explore(
                     tally.states += 1;
                 }
                 let recrash = !recovery && tally.states.is_multiple_of(RECOVERY_EVERY);
-                let img2 = recrash.then(|| img.clone());
+                let fault = !recovery && tally.states.is_multiple_of(FAULT_EVERY);
+                let img2 = (recrash || fault).then(|| img.clone());
                 if let Err(v) = check(img, before, after, recovery) {
                     if tally.violations.len() < 5 {
                         tally.violations.push(format!(
@@ -697,7 +702,11 @@ fn explore(
                     }
                     continue;
                 }
-                if let Some(img) = img2 {
+                if let Some(img) = img2.as_ref().filter(|_| fault) {
+                    let what = format!("{what}, crash before call {si}, {tear:?}");
+                    faulty_recovery(img, before, after, tally, &what);
+                }
+                if let Some(img) = img2.filter(|_| recrash) {
                     // Crash the recovery itself at each of its calls.
                     let sim = Sim::from_image(img);
                     sim.record();
@@ -710,6 +719,49 @@ fn explore(
                         Err(e) => tally.violations.push(format!("{what}: recovery: {e}")),
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Reopens (and gc's) the disk `img` with an I/O error at its n-th call, for every n. The
+/// error is typed, a failed sync is never reported as success, and afterwards the disk (as the
+/// process left it, or only what was durable) reopens with nothing lost.
+fn faulty_recovery(img: &Image, before: &Views, after: &Views, tally: &mut Tally, what: &str) {
+    for n in 0.. {
+        let sim = Sim::from_image(img.clone());
+        sim.fail_call(n);
+        let r = open(&sim).and_then(|s| {
+            let r = s.gc().map(drop);
+            // An error swallowed along the way must not hide a failed sync.
+            match (&r, s.fs.check()) {
+                (Ok(()), Err(e)) => Err(e),
+                _ => r,
+            }
+        });
+        let Some(call) = sim.failed() else {
+            break;
+        };
+        tally.faults += 1;
+        if call.starts_with("sync") && r.is_ok() {
+            tally.violations.push(format!(
+                "{what}: EIO at recovery call {n} ({call}) reported as success"
+            ));
+            return;
+        }
+        let snap = sim.snapshot();
+        let n_pending = snap.pending.len();
+        for keep in [vec![true; n_pending], vec![false; n_pending]] {
+            if let Err(v) = check(snap.crash(&keep, Tear::None), before, after, true) {
+                tally.violations.push(format!(
+                    "{what}: EIO at recovery call {n} ({call}), then {}: {v}",
+                    if keep.first() == Some(&true) {
+                        "reopened"
+                    } else {
+                        "power lost"
+                    }
+                ));
+                return;
             }
         }
     }
@@ -804,12 +856,13 @@ fn every_crash_state_of_random_sequences_keeps_what_was_acknowledged() {
         }
     }
     println!(
-        "crash states explored: {}, violations: {} ({} sequences, {} call boundaries, {} of them during recovery)",
+        "crash states explored: {}, violations: {} ({} sequences, {} call boundaries, {} states during recovery, {} recoveries with an I/O error)",
         tally.states + tally.recovery_states,
         tally.violations.len(),
         sequences,
         tally.snapshots,
-        tally.recovery_states
+        tally.recovery_states,
+        tally.faults
     );
     assert!(
         tally.violations.is_empty(),

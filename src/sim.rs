@@ -435,6 +435,10 @@ struct State {
     next_ino: u64,
     /// When set, a snapshot is taken before every call that changes anything.
     recording: Option<Vec<Snapshot>>,
+    /// Calls so far, and the one that fails with EIO (if any) and which call it was.
+    calls: u64,
+    fail_at: Option<u64>,
+    failed: Option<&'static str>,
 }
 
 /// The simulated file system, shared by the store handles opened on it.
@@ -485,6 +489,9 @@ impl Sim {
                 pending: Vec::new(),
                 next_ino,
                 recording: None,
+                calls: 0,
+                fail_at: None,
+                failed: None,
             }),
         })
     }
@@ -518,6 +525,18 @@ impl Sim {
             pending: st.pending.clone(),
             call: "now",
         }
+    }
+
+    /// Makes the `n`-th call from now fail with EIO.
+    pub(crate) fn fail_call(&self, n: u64) {
+        let mut st = self.st();
+        st.fail_at = Some(st.calls + n);
+        st.failed = None;
+    }
+
+    /// The call that failed, if the chosen one was reached.
+    pub(crate) fn failed(&self) -> Option<&'static str> {
+        self.st().failed
     }
 
     /// What a reader sees now (written, synced or not).
@@ -574,6 +593,17 @@ fn alloc(st: &mut State, node: Node) -> u64 {
 }
 
 impl State {
+    /// Counts a call; the chosen one fails with EIO.
+    fn fault(&mut self, call: &'static str) -> io::Result<()> {
+        let n = self.calls;
+        self.calls += 1;
+        if self.fail_at == Some(n) {
+            self.failed = Some(call);
+            return Err(errno(libc::EIO));
+        }
+        Ok(())
+    }
+
     /// Before a changing call: take a snapshot when recording.
     fn boundary(&mut self, call: &'static str) {
         if let Some(rec) = &mut self.recording {
@@ -620,6 +650,7 @@ impl State {
 
 impl Backend for Sim {
     fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle> {
+        self.st().fault("open")?;
         let mut st = self.st();
         let (dir, name) = st.live.parent(path)?;
         let existing = st.live.dir(dir).and_then(|d| d.get(&name)).copied();
@@ -651,6 +682,7 @@ impl Backend for Sim {
     }
 
     fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
+        self.st().fault("read")?;
         let f = sim(f)?;
         let st = self.st();
         let data = match st.live.nodes.get(&f.ino) {
@@ -668,6 +700,7 @@ impl Backend for Sim {
     }
 
     fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.st().fault("write_at")?;
         let f = sim(f)?;
         let mut st = self.st();
         st.boundary("write_at");
@@ -680,6 +713,7 @@ impl Backend for Sim {
     }
 
     fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
+        self.st().fault("write")?;
         let off = sim(f)?.pos.fetch_add(bytes.len() as u64, Ordering::SeqCst);
         let mut st = self.st();
         st.boundary("write");
@@ -692,6 +726,7 @@ impl Backend for Sim {
     }
 
     fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
+        self.st().fault("set_len")?;
         let ino = sim(f)?.ino;
         let mut st = self.st();
         st.boundary("set_len");
@@ -700,6 +735,7 @@ impl Backend for Sim {
     }
 
     fn sync_data(&self, f: &Handle) -> io::Result<()> {
+        self.st().fault("sync_data")?;
         let ino = sim(f)?.ino;
         let mut st = self.st();
         st.boundary("sync_data");
@@ -713,6 +749,7 @@ impl Backend for Sim {
     }
 
     fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
+        self.st().fault("open_dir")?;
         let st = self.st();
         let ino = st.live.lookup(dir)?;
         if st.live.dir(ino).is_none() {
@@ -725,6 +762,7 @@ impl Backend for Sim {
     }
 
     fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
+        self.st().fault("sync_dir")?;
         let ino = sim(dir)?.ino;
         let mut st = self.st();
         st.boundary("sync_dir");
@@ -738,6 +776,7 @@ impl Backend for Sim {
     }
 
     fn create_dir(&self, path: &Path, _mode: u32) -> io::Result<()> {
+        self.st().fault("create_dir")?;
         let mut st = self.st();
         let (dir, name) = st.live.parent(path)?;
         if st.live.dir(dir).is_some_and(|d| d.contains_key(&name)) {
@@ -750,6 +789,7 @@ impl Backend for Sim {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.st().fault("rename")?;
         let mut st = self.st();
         let (fd, fname) = st.live.parent(from)?;
         let (td, tname) = st.live.parent(to)?;
@@ -780,6 +820,7 @@ impl Backend for Sim {
     }
 
     fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()> {
+        self.st().fault("hard_link")?;
         let mut st = self.st();
         let ino = st.live.lookup(src)?;
         if st.live.dir(ino).is_some() {
@@ -795,6 +836,7 @@ impl Backend for Sim {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.st().fault("remove_file")?;
         let mut st = self.st();
         let (dir, name) = st.live.parent(path)?;
         let ino = st
@@ -812,6 +854,7 @@ impl Backend for Sim {
     }
 
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.st().fault("remove_dir_all")?;
         let mut st = self.st();
         let (dir, name) = st.live.parent(path)?;
         let ino = st
@@ -826,6 +869,7 @@ impl Backend for Sim {
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>> {
+        self.st().fault("list_dir")?;
         let st = self.st();
         let ino = st.live.lookup(dir)?;
         let d = st.live.dir(ino).ok_or_else(|| errno(libc::ENOTDIR))?;
@@ -839,22 +883,26 @@ impl Backend for Sim {
     }
 
     fn lstat(&self, path: &Path) -> io::Result<Meta> {
+        self.st().fault("lstat")?;
         let st = self.st();
         let ino = st.live.lookup(path)?;
         st.live.meta(ino)
     }
 
     fn fstat(&self, f: &Handle) -> io::Result<Meta> {
+        self.st().fault("fstat")?;
         let ino = sim(f)?.ino;
         self.st().live.meta(ino)
     }
 
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.st().fault("canonicalize")?;
         self.st().live.lookup(path)?;
         Ok(path.to_path_buf())
     }
 
     fn try_lock(&self, f: &Handle) -> io::Result<bool> {
+        self.st().fault("try_lock")?;
         // One process at a time runs on a simulated file system.
         sim(f).map(|_| true)
     }
