@@ -13,6 +13,7 @@ pub(crate) const VERSION: u16 = 1;
 /// Header: magic (4), version (2), reserved (2), body length (4), CRC-32 of the body (4).
 pub(crate) const HEADER_LEN: usize = 16;
 const VERSION_AT: usize = 4;
+const RESERVED_AT: usize = 6;
 const LEN_AT: usize = 8;
 const CRC_AT: usize = 12;
 /// The largest manifest body accepted, written or read.
@@ -173,6 +174,14 @@ pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Manifest> {
         });
     }
     let version = u16::from_le_bytes(fixed::<2>(bytes, VERSION_AT));
+    let reserved = u16::from_le_bytes(fixed::<2>(bytes, RESERVED_AT));
+    if reserved != 0 {
+        // Outside the checksum, so checked here: a flipped bit must not go unnoticed.
+        return corrupt(Corruption::Decode {
+            slot: None,
+            reason: format!("reserved header bytes are {reserved:#06x}, not zero"),
+        });
+    }
     let len = u32::from_le_bytes(fixed::<4>(bytes, LEN_AT)) as usize;
     let stored = u32::from_le_bytes(fixed::<4>(bytes, CRC_AT));
     if len > MAX_BODY {
