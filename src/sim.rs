@@ -141,6 +141,17 @@ impl Image {
         Ok((dir, name.to_os_string()))
     }
 
+    /// The directory holding `path`, the name, and the inode the name points at.
+    fn entry(&self, path: &Path) -> io::Result<(u64, OsString, u64)> {
+        let (dir, name) = self.parent(path)?;
+        let ino = self
+            .dir(dir)
+            .and_then(|d| d.get(&name))
+            .copied()
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        Ok((dir, name, ino))
+    }
+
     fn meta(&self, ino: u64) -> io::Result<Meta> {
         let (kind, len) = match self.nodes.get(&ino) {
             Some(Node::File(d)) => (EntryType::File, d.len() as u64),
@@ -791,14 +802,8 @@ impl Backend for Sim {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         self.st().fault("rename")?;
         let mut st = self.st();
-        let (fd, fname) = st.live.parent(from)?;
+        let (fd, fname, ino) = st.live.entry(from)?;
         let (td, tname) = st.live.parent(to)?;
-        let ino = st
-            .live
-            .dir(fd)
-            .and_then(|d| d.get(&fname))
-            .copied()
-            .ok_or_else(|| errno(libc::ENOENT))?;
         let src_dir = st.live.dir(ino).is_some();
         if let Some(old) = st.live.dir(td).and_then(|d| d.get(&tname)).copied() {
             match (src_dir, st.live.dir(old)) {
@@ -838,13 +843,7 @@ impl Backend for Sim {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.st().fault("remove_file")?;
         let mut st = self.st();
-        let (dir, name) = st.live.parent(path)?;
-        let ino = st
-            .live
-            .dir(dir)
-            .and_then(|d| d.get(&name))
-            .copied()
-            .ok_or_else(|| errno(libc::ENOENT))?;
+        let (dir, name, ino) = st.live.entry(path)?;
         if st.live.dir(ino).is_some() {
             return Err(errno(libc::EISDIR));
         }
@@ -856,13 +855,7 @@ impl Backend for Sim {
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         self.st().fault("remove_dir_all")?;
         let mut st = self.st();
-        let (dir, name) = st.live.parent(path)?;
-        let ino = st
-            .live
-            .dir(dir)
-            .and_then(|d| d.get(&name))
-            .copied()
-            .ok_or_else(|| errno(libc::ENOENT))?;
+        let (dir, name, ino) = st.live.entry(path)?;
         st.boundary("remove_dir_all");
         st.remove_tree(dir, name, ino);
         Ok(())
