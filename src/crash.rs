@@ -619,13 +619,25 @@ struct Tally {
     snapshots: u64,
     /// Recoveries run with an injected I/O error.
     faults: u64,
+    /// Recoveries crashed.
+    recoveries: u64,
     violations: Vec<String>,
 }
 
+/// What a crash state is checked against.
+struct Expect<'a> {
+    before: &'a Views,
+    after: &'a Views,
+    /// Transfers whose coalesced progress (never acknowledged) may ride along with the step.
+    coalesced: &'a HashSet<TransferId>,
+    /// A gc was interrupted: a cancelled record may also be gone.
+    gc_ran: bool,
+}
+
 /// The disk a crash left, reopened (and gc'd) and checked: every transfer is as it was before
-/// the interrupted operation or as it is after it.
-/// When a gc was interrupted (`gc_ran`), a cancelled record may also be gone: gc purges them.
-fn check(img: Image, before: &Views, after: &Views, gc_ran: bool) -> Result<(), String> {
+/// the interrupted operation or as it is after it. Returns what the reopened store held.
+fn check(img: Image, x: &Expect<'_>) -> Result<Views, String> {
+    let (before, after, gc_ran) = (x.before, x.after, x.gc_ran);
     let sim = Sim::from_image(img);
     let store = open(&sim).map_err(|e| format!("reopen failed: {e}"))?;
     let got = views(&store)?;
@@ -641,7 +653,7 @@ fn check(img: Image, before: &Views, after: &Views, gc_ran: bool) -> Result<(), 
         // The operation's own change landed, the coalesced progress riding along did not
         // (coalesced progress is never acknowledged as durable).
         let unmerged = match (g, before.get(id), after.get(id)) {
-            (Some(g), Some(b), Some(a)) => {
+            (Some(g), Some(b), Some(a)) if x.coalesced.contains(id) => {
                 let mut a = a.clone();
                 a.state.bytes_done = b.state.bytes_done;
                 a.state.bytes_total = b.state.bytes_total;
@@ -675,16 +687,16 @@ fn check(img: Image, before: &Views, after: &Views, gc_ran: bool) -> Result<(), 
             return Err(format!("{d} debris after open and gc: {left:?}"));
         }
     }
-    Ok(())
+    Ok(got)
 }
 
 /// Explores every crash state of `snaps`: checks each distinct disk once.
 #[allow(clippy::too_many_arguments)]
 fn explore(
     snaps: &[Snapshot],
-    before: &Views,
-    after: &Views,
-    seen: &mut HashSet<u64>,
+    x: &Expect<'_>,
+    seen: &mut HashSet<(u64, u64)>,
+    tag: u64,
     rng: &mut Rng,
     tally: &mut Tally,
     what: &str,
@@ -695,8 +707,16 @@ fn explore(
     } else {
         (MAX_BITS, SAMPLES)
     };
+    // After the step returned (the last snapshot), what it acknowledged must be there: the
+    // state before it is no longer acceptable.
+    let end = Expect {
+        before: x.after,
+        ..*x
+    };
     for (si, snap) in snaps.iter().enumerate() {
         tally.snapshots += 1;
+        let acked = !recovery && snap.call == "end";
+        let (x, tag) = if acked { (&end, tag + 1) } else { (x, tag) };
         for keep in snap.keep_sets(bits, samples, rng.next()) {
             let mut tears = vec![Tear::None];
             if let Some(sectors) = snap.last_write_sectors(&keep) {
@@ -705,7 +725,7 @@ fn explore(
             }
             for tear in tears {
                 let img = snap.crash(&keep, tear);
-                if !seen.insert(img.tree_hash()) {
+                if !seen.insert((img.tree_hash(), tag)) {
                     continue;
                 }
                 if recovery {
@@ -716,19 +736,31 @@ fn explore(
                 let recrash = !recovery && tally.states.is_multiple_of(RECOVERY_EVERY);
                 let fault = !recovery && tally.states.is_multiple_of(FAULT_EVERY);
                 let img2 = (recrash || fault).then(|| img.clone());
-                if let Err(v) = check(img, before, after, recovery) {
-                    if tally.violations.len() < 5 {
-                        tally.violations.push(format!(
+                let got = match check(img, x) {
+                    Ok(got) => got,
+                    Err(v) => {
+                        if tally.violations.len() < 5 {
+                            tally.violations.push(format!(
                             "{what}, crash before call {si} ({}), kept {keep:?}, {tear:?}{}: {v}",
                             snap.call,
                             if recovery { " (during recovery)" } else { "" }
                         ));
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                };
+                // What the recovery found is what a crash during it must keep (gc may purge
+                // the cancelled records).
+                let none = HashSet::new();
+                let recovered = Expect {
+                    before: &got,
+                    after: &got,
+                    coalesced: &none,
+                    gc_ran: true,
+                };
                 if let Some(img) = img2.as_ref().filter(|_| fault) {
                     let what = format!("{what}, crash before call {si}, {tear:?}");
-                    faulty_recovery(img, before, after, tally, &what);
+                    faulty_recovery(img, &recovered, tally, &what);
                 }
                 if let Some(img) = img2.filter(|_| recrash) {
                     // Crash the recovery itself at each of its calls.
@@ -738,7 +770,9 @@ fn explore(
                         Ok(()) => {
                             let snaps = sim.take_snapshots();
                             let what = format!("{what}, recovering from crash {si}");
-                            explore(&snaps, before, after, seen, rng, tally, &what, true);
+                            tally.recoveries += 1;
+                            let tag = u64::MAX - tally.recoveries;
+                            explore(&snaps, &recovered, seen, tag, rng, tally, &what, true);
                         }
                         Err(e) => tally.violations.push(format!("{what}: recovery: {e}")),
                     }
@@ -751,7 +785,7 @@ fn explore(
 /// Reopens (and gc's) the disk `img` with an I/O error at its n-th call, for every n. The
 /// error is typed, a failed sync is never reported as success, and afterwards the disk (as the
 /// process left it, or only what was durable) reopens with nothing lost.
-fn faulty_recovery(img: &Image, before: &Views, after: &Views, tally: &mut Tally, what: &str) {
+fn faulty_recovery(img: &Image, x: &Expect<'_>, tally: &mut Tally, what: &str) {
     for n in 0.. {
         let sim = Sim::from_image(img.clone());
         sim.fail_call(n);
@@ -776,7 +810,7 @@ fn faulty_recovery(img: &Image, before: &Views, after: &Views, tally: &mut Tally
         let snap = sim.snapshot();
         let n_pending = snap.pending.len();
         for keep in [vec![true; n_pending], vec![false; n_pending]] {
-            if let Err(v) = check(snap.crash(&keep, Tear::None), before, after, true) {
+            if let Err(v) = check(snap.crash(&keep, Tear::None), x) {
                 tally.violations.push(format!(
                     "{what}: EIO at recovery call {n} ({call}), then {}: {v}",
                     if keep.first() == Some(&true) {
@@ -808,6 +842,13 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
             "seed {seed}, step {i} {step:?} (steps {:?})",
             steps.get(..i)
         );
+        // Coalesced progress pending before the step may be written by it, or not.
+        let coalesced: HashSet<TransferId> = model
+            .recs
+            .iter()
+            .filter(|(_, r)| r.coalesced.is_some())
+            .map(|(id, _)| *id)
+            .collect();
         sim.record();
         let r = exec(&step, &mut store, &sim, &mut model, &mut rng);
         let snaps = sim.take_snapshots();
@@ -845,9 +886,14 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
             break;
         }
         let mut erng = Rng(rng.next());
-        explore(
-            &snaps, &views_now, &after, &mut seen, &mut erng, tally, &what, false,
-        );
+        let x = Expect {
+            before: &views_now,
+            after: &after,
+            coalesced: &coalesced,
+            gc_ran: false,
+        };
+        let tag = 2 * i as u64;
+        explore(&snaps, &x, &mut seen, tag, &mut erng, tally, &what, false);
         views_now = after;
         if steps.len() < STEPS {
             steps.push(model.next_step(&mut rng));

@@ -331,7 +331,7 @@ impl Snapshot {
         close_over_names(&self.pending, &mut marked);
         let last_write = (0..self.pending.len()).rev().find(|&i| {
             marked.get(i).copied().unwrap_or(false)
-                && matches!(self.pending.get(i).map(|o| &**o), Some(Op::Write { .. }))
+                && matches!(self.pending.get(i).map(|o| &**o), Some(Op::Write { bytes, .. }) if !bytes.is_empty())
         });
         let mut img = (*self.durable).clone();
         for (i, op) in self.pending.iter().enumerate() {
