@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::sim::{Image, Rng, Sim, Snapshot, Tear};
+use crate::sim::{Draw, Image, Input, Rng, Sim, Snapshot, Tear};
 use crate::transfer::seeded_ids;
 use crate::{
     Action, Completion, Durability, ErrorClass, LinkMode, NewTransfer, Phase, Sessions, State,
@@ -227,7 +227,7 @@ impl Model {
             .collect()
     }
 
-    fn pick(&self, rng: &mut Rng, f: impl Fn(&Rec) -> bool) -> Option<usize> {
+    fn pick(&self, rng: &mut impl Draw, f: impl Fn(&Rec) -> bool) -> Option<usize> {
         let ok: Vec<usize> = self
             .ids
             .iter()
@@ -241,7 +241,7 @@ impl Model {
             .flatten()
     }
 
-    fn next_step(&self, rng: &mut Rng) -> Step {
+    fn next_step(&self, rng: &mut impl Draw) -> Step {
         let live = self.live().len();
         loop {
             let step = match rng.below(21) {
@@ -320,8 +320,8 @@ impl Model {
     }
 }
 
-fn bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
-    (0..len).map(|_| rng.next() as u8).collect()
+fn bytes(rng: &mut impl Draw, len: usize) -> Vec<u8> {
+    rng.fill(len)
 }
 
 fn url(i: u64) -> String {
@@ -334,7 +334,7 @@ fn exec(
     store: &mut Option<Store>,
     sim: &Arc<Sim>,
     model: &mut Model,
-    rng: &mut Rng,
+    rng: &mut impl Draw,
 ) -> Result<(), String> {
     let e = |what: &str, err: crate::Error| format!("{what}: {err}");
     if let Step::Reopen = step {
@@ -866,23 +866,8 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
             }
             None => Views::new(),
         };
-        // The store agrees with the model.
-        let live: Vec<TransferId> = after.keys().copied().collect();
-        let want: Vec<TransferId> = model.recs.keys().copied().collect();
-        if live != want {
-            tally
-                .violations
-                .push(format!("{what}: transfers {live:?}, model {want:?}"));
-            break;
-        }
-        if let Some((id, r)) = model
-            .recs
-            .iter()
-            .find(|(id, r)| after.get(id).is_none_or(|v| !r.matches(v)))
-        {
-            tally
-                .violations
-                .push(format!("{what}: {id} is {:?}, model {r:?}", after.get(id)));
+        if let Err(v) = agree(&model, &after) {
+            tally.violations.push(format!("{what}: {v}"));
             break;
         }
         let mut erng = Rng(rng.next());
@@ -902,6 +887,159 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
     }
     drop(store);
     seeded_ids::seed(None);
+}
+
+/// The store (as `after` shows it) agrees with the model.
+fn agree(model: &Model, after: &Views) -> Result<(), String> {
+    let live: Vec<TransferId> = after.keys().copied().collect();
+    let want: Vec<TransferId> = model.recs.keys().copied().collect();
+    if live != want {
+        return Err(format!("transfers {live:?}, model {want:?}"));
+    }
+    match model
+        .recs
+        .iter()
+        .find(|(id, r)| after.get(id).is_none_or(|v| !r.matches(v)))
+    {
+        Some((id, r)) => Err(format!("{id} is {:?}, model {r:?}", after.get(id))),
+        None => Ok(()),
+    }
+}
+
+/// Steps per `ops_model` sequence, the open included.
+const OPS_STEPS: usize = 24;
+
+/// Where an `ops_model` run stopped at its injected I/O error.
+struct Faulted {
+    step: Step,
+    /// The call that failed.
+    call: &'static str,
+    result: Result<(), String>,
+    sim: Arc<Sim>,
+    store: Option<Store>,
+    coalesced: HashSet<TransferId>,
+}
+
+/// What an `ops_model` run did: the store's views after each step, and the fault if it fired.
+struct OpsRun {
+    views: Vec<Views>,
+    faulted: Option<Faulted>,
+}
+
+/// Runs the steps `data` picks on a fresh simulated store, checking each against the model.
+/// With `fault = Some((step, call))`, that call of that step fails with EIO and the run stops
+/// there. Deterministic: the same `data` makes the same ids, steps and bytes.
+fn ops_run(data: &[u8], fault: Option<(usize, u64)>) -> Result<OpsRun, String> {
+    seeded_ids::seed(Some(0x0b55_eed0));
+    let r = ops_steps(data, fault);
+    seeded_ids::seed(None);
+    r
+}
+
+fn ops_steps(data: &[u8], fault: Option<(usize, u64)>) -> Result<OpsRun, String> {
+    let mut input = Input::new(data);
+    let sim = Sim::new();
+    let mut model = Model::default();
+    let mut store = None;
+    let mut views_after = Vec::new();
+    for i in 0..OPS_STEPS {
+        let step = if i == 0 {
+            Step::Reopen
+        } else if input.exhausted() {
+            break;
+        } else {
+            model.next_step(&mut input)
+        };
+        let coalesced: HashSet<TransferId> = model
+            .recs
+            .iter()
+            .filter(|(_, r)| r.coalesced.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let inject = fault.filter(|(s, _)| *s == i);
+        if let Some((_, call)) = inject {
+            sim.fail_call(call);
+        }
+        let result = exec(&step, &mut store, &sim, &mut model, &mut input);
+        sim.disarm();
+        if let (Some(_), Some(call)) = (inject, sim.failed()) {
+            return Ok(OpsRun {
+                views: views_after,
+                faulted: Some(Faulted {
+                    step,
+                    call,
+                    result,
+                    sim,
+                    store,
+                    coalesced,
+                }),
+            });
+        }
+        result.map_err(|e| format!("step {i} {step:?} failed: {e}"))?;
+        let after = match store.as_ref() {
+            Some(s) => views(s).map_err(|e| format!("step {i} {step:?}: {e}"))?,
+            None => Views::new(),
+        };
+        agree(&model, &after).map_err(|e| format!("step {i} {step:?}: {e}"))?;
+        views_after.push(after);
+    }
+    Ok(OpsRun {
+        views: views_after,
+        faulted: None,
+    })
+}
+
+/// The `ops_model` fuzz target. The first two bytes of `data` pick a step and one of its calls
+/// to fail with EIO; the rest picks the steps. Without the fault, every step agrees with the
+/// reference model. With it:
+/// - a failed sync is never reported as success;
+/// - the store carries on in the same process (a flush and a scan) without a panic;
+/// - the disk, as the dead process left it or as a power loss leaves it, reopens with every
+///   transfer as it was before the failed step or as the step (run without the fault) left it,
+///   none corrupt, no debris after gc, no ended record claimable again.
+///
+/// Returns the first violation.
+pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
+    let mut head = Input::new(data.get(..2).unwrap_or_default());
+    let (step, call) = (head.below(OPS_STEPS as u64) as usize, head.below(256));
+    let body = data.get(2..).unwrap_or_default();
+    let clean = ops_run(body, None)?;
+    let empty = Views::new();
+    let (Some(after), Some(before)) = (
+        clean.views.get(step),
+        step.checked_sub(1)
+            .map_or(Some(&empty), |b| clean.views.get(b)),
+    ) else {
+        return Ok(());
+    };
+    let Some(f) = ops_run(body, Some((step, call)))?.faulted else {
+        return Ok(());
+    };
+    let what = format!(
+        "EIO at call {call} ({}) of step {step} {:?}",
+        f.call, f.step
+    );
+    if f.call.starts_with("sync") && f.result.is_ok() {
+        return Err(format!("{what}: reported as success"));
+    }
+    let snap = f.sim.snapshot();
+    // Carrying on in the same process: typed errors or success, never a panic.
+    if let Some(s) = f.store.as_ref() {
+        let _ = s.flush();
+        let _ = s.scan();
+    }
+    drop(f.store);
+    let x = Expect {
+        before,
+        after,
+        coalesced: &f.coalesced,
+        gc_ran: false,
+    };
+    for (keep, how) in [(true, "the process died"), (false, "power was lost")] {
+        let img = snap.crash(&vec![keep; snap.pending.len()], Tear::None);
+        check(img, &x).map_err(|v| format!("{what}, then {how}: {v}"))?;
+    }
+    Ok(())
 }
 
 fn env_u64(name: &str) -> Option<u64> {

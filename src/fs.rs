@@ -57,7 +57,7 @@ pub(crate) enum Handle {
     /// A file of the real file system.
     Real(File),
     /// A file of the simulated file system.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     Sim(crate::sim::SimFile),
 }
 
@@ -66,7 +66,7 @@ impl Handle {
     fn real(&self) -> io::Result<&File> {
         match self {
             Handle::Real(f) => Ok(f),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzzing"))]
             Handle::Sim(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a simulated file on the real file system",
@@ -78,7 +78,7 @@ impl Handle {
     pub(crate) fn try_clone(&self) -> io::Result<Handle> {
         match self {
             Handle::Real(f) => f.try_clone().map(Handle::Real),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzzing"))]
             Handle::Sim(s) => Ok(Handle::Sim(s.dup())),
         }
     }
@@ -87,7 +87,7 @@ impl Handle {
     pub(crate) fn into_file(self) -> io::Result<File> {
         match self {
             Handle::Real(f) => Ok(f),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzzing"))]
             Handle::Sim(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a simulated file is not a std file",

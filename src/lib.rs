@@ -49,16 +49,37 @@
 )]
 
 mod check;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        reason = "test machinery, built outside tests only for the fuzz targets"
+    )
+)]
 mod crash;
 mod error;
 #[cfg(test)]
 mod faults;
 mod format;
 mod fs;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod group;
 mod reconcile;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(
+    not(test),
+    allow(
+        dead_code,
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        reason = "test machinery, built outside tests only for the fuzz targets"
+    )
+)]
 mod sim;
 mod store;
 mod transfer;

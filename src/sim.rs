@@ -438,6 +438,97 @@ impl Rng {
     }
 }
 
+/// Where a test's choices come from: a seeded [`Rng`], or a fuzzer's input.
+pub(crate) trait Draw {
+    /// A choice from the whole `u64` range.
+    fn next(&mut self) -> u64;
+
+    /// A choice in `0..n` (0 when `n` is 0).
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+
+    /// `len` bytes of content.
+    fn fill(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+impl Draw for Rng {
+    fn next(&mut self) -> u64 {
+        Rng::next(self)
+    }
+}
+
+/// A fuzzer's input read as a stream of choices. Small choices take one or two bytes; content
+/// is expanded from eight. Once the input runs out, the choices go on from a generator seeded
+/// by the input's length, so that a caller's loop always ends; [`Input::exhausted`] tells.
+#[derive(Debug)]
+pub(crate) struct Input<'a> {
+    data: &'a [u8],
+    at: usize,
+    rest: Rng,
+}
+
+impl<'a> Input<'a> {
+    pub(crate) fn new(data: &'a [u8]) -> Self {
+        Input {
+            data,
+            at: 0,
+            rest: Rng(data.len() as u64),
+        }
+    }
+
+    /// Whether every byte has been used.
+    pub(crate) fn exhausted(&self) -> bool {
+        self.at >= self.data.len()
+    }
+
+    fn take(&mut self, n: usize) -> u64 {
+        let mut v = 0u64;
+        for k in 0..n {
+            let b = match self.data.get(self.at) {
+                Some(&b) => {
+                    self.at += 1;
+                    b
+                }
+                None => self.rest.next() as u8,
+            };
+            v |= u64::from(b) << (8 * k);
+        }
+        v
+    }
+
+    /// A byte string of at most `max` bytes taken whole from the input (length byte first).
+    pub(crate) fn bytes(&mut self, max: usize) -> Vec<u8> {
+        let len = (self.take(2) as usize) % (max + 1);
+        let end = self.at.saturating_add(len).min(self.data.len());
+        let out = self.data.get(self.at..end).unwrap_or_default().to_vec();
+        self.at = end;
+        out
+    }
+}
+
+impl Draw for Input<'_> {
+    fn next(&mut self) -> u64 {
+        self.take(8)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        match n {
+            0 => 0,
+            1..=256 => self.take(1) % n,
+            257..=65_536 => self.take(2) % n,
+            _ => self.take(8) % n,
+        }
+    }
+
+    fn fill(&mut self, len: usize) -> Vec<u8> {
+        let mut r = Rng(self.take(8));
+        (0..len).map(|_| r.next() as u8).collect()
+    }
+}
+
 #[derive(Debug)]
 struct State {
     live: Image,
@@ -543,6 +634,11 @@ impl Sim {
         let mut st = self.st();
         st.fail_at = Some(st.calls + n);
         st.failed = None;
+    }
+
+    /// Takes back a [`Sim::fail_call`] whose call was not reached.
+    pub(crate) fn disarm(&self) {
+        self.st().fail_at = None;
     }
 
     /// The call that failed, if the chosen one was reached.

@@ -122,7 +122,7 @@ impl StoreBuilder {
     }
 
     /// Routes every file system call through `b` (tests: fault injection).
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn backend(mut self, b: Arc<dyn crate::fs::Backend>) -> Self {
         self.backend = Some(b);
         self

@@ -17,7 +17,7 @@ pub struct TransferId(Uuid);
 impl TransferId {
     /// A fresh random id.
     pub fn new_v4() -> Self {
-        #[cfg(test)]
+        #[cfg(any(test, feature = "fuzzing"))]
         if let Some(id) = seeded_ids::next() {
             return id;
         }
@@ -48,7 +48,7 @@ impl TransferId {
 
 /// Ids drawn from a seed, so a test that replays a seed makes the same ids (and the store lists
 /// them in the same order).
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod seeded_ids {
     use std::cell::Cell;
 
