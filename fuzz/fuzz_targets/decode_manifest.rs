@@ -1,0 +1,4 @@
+//! `decode_manifest`: see `waybill::fuzzing::decode_manifest` for what it feeds the store and what it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| waybill::fuzzing::decode_manifest(data));

@@ -1,0 +1,4 @@
+//! `open_store`: see `waybill::fuzzing::open_store` for what it feeds the store and what it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| waybill::fuzzing::open_store(data));
