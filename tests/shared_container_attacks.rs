@@ -1,6 +1,7 @@
 //! Attacks from other code sharing the store's container: symlinks in place of a transfer's
 //! directory, state file or payload; a payload swapped for another file; a directory with a
-//! non-canonical name; a `FORMAT` claiming version 999; 4 GiB length prefixes.
+//! non-canonical name; a `FORMAT` claiming version 999; 4 GiB length prefixes; metadata nested
+//! thousands deep.
 //!
 //! Each gets a typed error or is quarantined, and through every operation the store offers
 //! (open, list, scan, get, open_payload, check, repair, gc, reconcile and apply, remove) nothing
@@ -311,5 +312,54 @@ fn four_gib_length_prefixes_are_refused_before_allocating() -> TestResult {
     std::fs::write(&g, &s)?;
     let st = store.get(good)?.state;
     assert!(st.rebuilt, "{st:?}");
+    Ok(())
+}
+
+#[test]
+fn deeply_nested_metadata_is_refused_without_recursing_into_it() -> TestResult {
+    let base = tempfile::tempdir()?;
+    let root = base.path().join("store");
+    let store = Store::open(&root)?;
+    let good = store.create(NewTransfer::upload(
+        "https://example.com/good",
+        UploadSource::Bytes(b"good".to_vec()),
+    ))?;
+    // A victim whose metadata is one map entry holding 60,000 bytes: the metadata field ends
+    // the manifest body, 15 + 60,000 bytes long (FORMAT.md §2.2, §2.5).
+    let len = 60_000;
+    let victim = store.create(
+        NewTransfer::upload(
+            "https://example.com/victim",
+            UploadSource::Bytes(b"victim".to_vec()),
+        )
+        .meta("k", waybill::Value::Bytes(vec![0; len])),
+    )?;
+    drop(store);
+    let outside = Outside::new(base.path(), &transfer_dir(&root, good))?;
+    // Rewrite those bytes, at the same length, as arrays nested 12,000 deep, and make the
+    // checksum right: only the depth limit stands between the decoder and the stack.
+    let path = transfer_dir(&root, victim).join("manifest");
+    let mut m = std::fs::read(&path)?;
+    let meta_len = 15 + len;
+    let levels = (meta_len - 5) / 5;
+    let mut nested = Vec::with_capacity(meta_len);
+    for _ in 0..levels {
+        nested.extend_from_slice(&[4, 1, 0, 0, 0]);
+    }
+    let rest = meta_len - nested.len() - 5;
+    nested.push(0);
+    nested.extend_from_slice(&(rest as u32).to_le_bytes());
+    nested.extend(std::iter::repeat_n(b'x', rest));
+    let at = m.len() - meta_len;
+    m[at..].copy_from_slice(&nested);
+    let crc = crc32fast::hash(&m[16..]);
+    m[12..16].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &m)?;
+
+    let err = every_operation(&root, good, victim, &outside, "nested metadata")?;
+    assert!(err.to_string().contains("nests deeper"), "{err}");
+    // The reconcile in every_operation quarantined it.
+    assert!(Store::open(&root)?.get(victim).is_err());
+    assert!(!transfer_dir(&root, victim).exists());
     Ok(())
 }
