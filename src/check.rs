@@ -201,14 +201,17 @@ impl Store {
         Ok(r)
     }
 
-    /// Whether a live builder owns a staging directory (its state file is locked), or it is
-    /// younger than the staging grace.
+    /// Whether a live builder owns a staging directory (its state file is locked), or may be
+    /// about to (younger than the staging grace, and nothing done under a lock yet).
     fn staging_owned(&self, path: &Path) -> Result<bool> {
         let state = path.join(STATE);
-        if let Ok(f) = self.fs.open_read(&state)
-            && !self.fs.try_lock(&f, &state)?
-        {
-            return Ok(true);
+        if let Ok(f) = self.fs.open_read(&state) {
+            if !self.fs.try_lock(&f, &state)? {
+                return Ok(true);
+            }
+            if self.builder_locked_once(path) {
+                return Ok(false);
+            }
         }
         Ok(!self.older_than_grace(path).unwrap_or(true))
     }

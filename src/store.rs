@@ -89,10 +89,11 @@ impl StoreBuilder {
         self
     }
 
-    /// How old an unlocked staging directory must be before `open` clears it. Default 60 s.
+    /// How old an unlocked staging directory must be before `open` clears it, unless it shows
+    /// work done under its builder's lock (then it is cleared at once). Default 60 s.
     ///
     /// A live builder always holds its lock and is never cleared; the grace only covers the
-    /// instant between a builder creating its directory and locking it.
+    /// instant between a builder creating its directory and locking its state file.
     pub fn staging_grace(mut self, t: Duration) -> Self {
         self.staging_grace = t;
         self
@@ -616,7 +617,7 @@ impl Store {
         let state_path = path.join(STATE);
         // Hold the builder's lock (if we can take it) while deleting, so no builder can resume
         // in a directory being removed.
-        let _held = match self.fs.open_read(&state_path) {
+        let held = match self.fs.open_read(&state_path) {
             Ok(f) => {
                 if !self.fs.try_lock(&f, &state_path)? {
                     return Ok(false);
@@ -625,11 +626,25 @@ impl Store {
             }
             Err(_) => None,
         };
-        if !self.older_than_grace(path)? {
+        if (held.is_none() || !self.builder_locked_once(path)) && !self.older_than_grace(path)? {
             return Ok(false);
         }
         self.fs.remove_tree(path)?;
         Ok(true)
+    }
+
+    /// Whether a staging directory shows work its builder did only while holding the lock
+    /// (FORMAT.md §3.1: the state file written, or a payload or manifest placed). Unlocked
+    /// now, such a directory's builder is gone, whatever its age; the staging grace only
+    /// covers the instant between creating the state file and locking it.
+    pub(crate) fn builder_locked_once(&self, path: &Path) -> bool {
+        let state_written = self
+            .fs
+            .lstat(&path.join(STATE))
+            .is_ok_and(|m| m.is_file() && m.len() > 0);
+        state_written
+            || self.fs.lstat(&path.join(MANIFEST)).is_ok()
+            || self.fs.lstat(&path.join(PAYLOAD)).is_ok()
     }
 
     fn scan_unknown(&mut self) -> Result<()> {

@@ -77,10 +77,30 @@ fn dead_builders_debris_is_cleared_and_live_builders_kept() -> TestResult {
 fn young_unlocked_staging_is_left_for_a_later_open() -> TestResult {
     let t = TempStore::new()?;
     drop(Store::open(t.root())?);
-    // A builder between creating its directory and locking its state file looks like this.
-    let d = debris(&t.root(), "4b3c0c4e-7a0e-4c6e-9d3a-2f6f0e9a1b55")?;
+    // A builder between creating its state file and locking it looks like this (FORMAT.md
+    // §3.1): an empty state file and nothing else.
+    let d = t
+        .root()
+        .join("staging")
+        .join("4b3c0c4e-7a0e-4c6e-9d3a-2f6f0e9a1b55");
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join("state"), b"")?;
     let store = Store::open(t.root())?; // default grace: 60 s
     assert!(d.exists());
     assert_eq!(store.open_report().staging_live.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn young_debris_of_a_builder_that_had_locked_is_cleared_at_once() -> TestResult {
+    let t = TempStore::new()?;
+    drop(Store::open(t.root())?);
+    // A written state file or a placed manifest: its builder held the lock, and holds it no
+    // longer, so it is dead however young the directory is.
+    let d = debris(&t.root(), "5b3c0c4e-7a0e-4c6e-9d3a-2f6f0e9a1b66")?;
+    let store = Store::open(t.root())?; // default grace: 60 s
+    assert!(!d.exists());
+    assert_eq!(store.open_report().staging_cleared.len(), 1);
+    assert!(store.check(|_, _| {})?.staging_debris.is_empty());
     Ok(())
 }
