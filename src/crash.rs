@@ -338,7 +338,10 @@ fn exec(
 ) -> Result<(), String> {
     let e = |what: &str, err: crate::Error| format!("{what}: {err}");
     if let Step::Reopen = step {
-        drop(store.take());
+        // What the drop would flush, flushed where a failure can be seen.
+        if let Some(s) = store.take() {
+            s.flush().map_err(|x| e("flush before close", x))?;
+        }
         *store = Some(open(sim).map_err(|x| e("open", x))?);
         for r in model.recs.values_mut() {
             r.merge();
@@ -920,9 +923,11 @@ struct Faulted {
     coalesced: HashSet<TransferId>,
 }
 
-/// What an `ops_model` run did: the store's views after each step, and the fault if it fired.
+/// What an `ops_model` run did: the store's views after each step, the file system calls
+/// each step made, and the fault if it fired.
 struct OpsRun {
     views: Vec<Views>,
+    calls: Vec<u64>,
     faulted: Option<Faulted>,
 }
 
@@ -942,6 +947,7 @@ fn ops_steps(data: &[u8], fault: Option<(usize, u64)>) -> Result<OpsRun, String>
     let mut model = Model::default();
     let mut store = None;
     let mut views_after = Vec::new();
+    let mut calls = Vec::new();
     for i in 0..OPS_STEPS {
         let step = if i == 0 {
             Step::Reopen
@@ -960,11 +966,14 @@ fn ops_steps(data: &[u8], fault: Option<(usize, u64)>) -> Result<OpsRun, String>
         if let Some((_, call)) = inject {
             sim.fail_call(call);
         }
+        let first = sim.calls();
         let result = exec(&step, &mut store, &sim, &mut model, &mut input);
         sim.disarm();
+        calls.push(sim.calls() - first);
         if let (Some(_), Some(call)) = (inject, sim.failed()) {
             return Ok(OpsRun {
                 views: views_after,
+                calls,
                 faulted: Some(Faulted {
                     step,
                     call,
@@ -985,25 +994,33 @@ fn ops_steps(data: &[u8], fault: Option<(usize, u64)>) -> Result<OpsRun, String>
     }
     Ok(OpsRun {
         views: views_after,
+        calls,
         faulted: None,
     })
 }
 
-/// The `ops_model` fuzz target. The first two bytes of `data` pick a step and one of its calls
-/// to fail with EIO; the rest picks the steps. Without the fault, every step agrees with the
+/// The `ops_model` fuzz target. The first four bytes of `data` pick a step and one of the calls
+/// it makes to fail with EIO; the rest picks the steps. Without the fault, every step agrees with the
 /// reference model. With it:
 /// - a failed sync is never reported as success;
 /// - the store carries on in the same process (a flush and a scan) without a panic;
-/// - the disk, as the dead process left it or as a power loss leaves it, reopens with every
-///   transfer as it was before the failed step or as the step (run without the fault) left it,
-///   none corrupt, no debris after gc, no ended record claimable again.
+/// - the disk, as a process dying at the error or after carrying on left it, and as a power
+///   loss at either moment leaves it, reopens with every transfer as it was before the failed
+///   step or as the step (run without the fault) left it, none corrupt, no debris after gc,
+///   no ended record claimable again.
 ///
 /// Returns the first violation.
 pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
-    let mut head = Input::new(data.get(..2).unwrap_or_default());
-    let (step, call) = (head.below(OPS_STEPS as u64) as usize, head.below(256));
-    let body = data.get(2..).unwrap_or_default();
+    let mut head = Input::new(data.get(..4).unwrap_or_default());
+    let (pick_step, pick_call) = (head.below(1 << 8), head.below(1 << 16));
+    let body = data.get(4..).unwrap_or_default();
     let clean = ops_run(body, None)?;
+    // The fault lands on a call the clean run made, so every input tests one.
+    let step = (pick_step % clean.views.len().max(1) as u64) as usize;
+    let Some(&n_calls) = clean.calls.get(step).filter(|&&n| n > 0) else {
+        return Ok(());
+    };
+    let call = pick_call % n_calls;
     let empty = Views::new();
     let (Some(after), Some(before)) = (
         clean.views.get(step),
@@ -1013,7 +1030,9 @@ pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
         return Ok(());
     };
     let Some(f) = ops_run(body, Some((step, call)))?.faulted else {
-        return Ok(());
+        return Err(format!(
+            "call {call} of step {step} was not reached the second time"
+        ));
     };
     let what = format!(
         "EIO at call {call} ({}) of step {step} {:?}",
@@ -1022,22 +1041,28 @@ pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
     if f.call.starts_with("sync") && f.result.is_ok() {
         return Err(format!("{what}: reported as success"));
     }
-    let snap = f.sim.snapshot();
+    let at_error = f.sim.snapshot();
     // Carrying on in the same process: typed errors or success, never a panic.
     if let Some(s) = f.store.as_ref() {
         let _ = s.flush();
         let _ = s.scan();
     }
     drop(f.store);
+    let carried_on = f.sim.snapshot();
     let x = Expect {
         before,
         after,
         coalesced: &f.coalesced,
         gc_ran: false,
     };
-    for (keep, how) in [(true, "the process died"), (false, "power was lost")] {
-        let img = snap.crash(&vec![keep; snap.pending.len()], Tear::None);
-        check(img, &x).map_err(|v| format!("{what}, then {how}: {v}"))?;
+    for (snap, when) in [
+        (&at_error, "at the error"),
+        (&carried_on, "after carrying on"),
+    ] {
+        for (keep, how) in [(true, "the process died"), (false, "power was lost")] {
+            let img = snap.crash(&vec![keep; snap.pending.len()], Tear::None);
+            check(img, &x).map_err(|v| format!("{what}, then {how} {when}: {v}"))?;
+        }
     }
     Ok(())
 }

@@ -636,6 +636,11 @@ impl Sim {
         st.failed = None;
     }
 
+    /// Calls made so far.
+    pub(crate) fn calls(&self) -> u64 {
+        self.st().calls
+    }
+
     /// Takes back a [`Sim::fail_call`] whose call was not reached.
     pub(crate) fn disarm(&self) {
         self.st().fail_at = None;

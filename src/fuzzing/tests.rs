@@ -250,15 +250,19 @@ fn a_store_tree_reads_back_as_written() {
 /// followed to change something there.
 #[test]
 fn symlinks_out_of_the_store_are_not_followed() {
+    let x = || vec!["x".to_owned()];
     let tree = vec![
         Entry::Dir(vec!["transfers".into()]),
         Entry::Symlink(
             vec!["transfers".into(), NAMES[11].into(), "payload".into()],
             0,
-            vec![],
+            x(),
         ),
-        Entry::Symlink(vec!["staging".into()], 1, vec![]),
-        Entry::Symlink(vec!["trash".into()], 1, vec![]),
+        Entry::Symlink(vec!["staging".into()], 1, x()),
+        Entry::Symlink(vec!["trash".into()], 1, x()),
+        Entry::Symlink(vec!["quarantine".into()], 1, x()),
     ];
-    open_store(&write_tree(&tree));
+    let input = write_tree(&tree);
+    assert_eq!(read_tree(&input), tree, "the input describes these links");
+    open_store(&input);
 }
