@@ -65,8 +65,18 @@ impl Agent {
                     .lock()
                     .map(|mut r| r.chance(self.tag_loss))
                     .unwrap_or(false);
-                // Resume data names the bytes a failed download kept.
-                let file = resume_data.map(PathBuf::from).filter(|p| p.is_file());
+                // Resume data names the bytes a failed download kept: the new task takes
+                // them over under its own name, so nothing done to the old task touches them.
+                let file = resume_data
+                    .map(PathBuf::from)
+                    .filter(|p| p.is_file())
+                    .and_then(|p| {
+                        let own = self
+                            .layout
+                            .agent_downloads()
+                            .join(format!("task-{}-{id}", self.nonce));
+                        fs::rename(&p, &own).ok().map(|()| own)
+                    });
                 t.tasks.insert(
                     id,
                     AgentTask {
@@ -237,6 +247,10 @@ impl Agent {
             Err(e) => return Outcome::failed(e.to_string(), (have > 0).then(|| part.clone())),
         };
         if resp.status != 200 && resp.status != 206 {
+            // Bytes already here stay the resume data's.
+            if have > 0 {
+                return Outcome::failed(format!("HTTP status {}", resp.status), Some(part));
+            }
             return Outcome::completed(resp.status, None, 0);
         }
         let total: Option<u64> = resp

@@ -58,9 +58,19 @@ fn new_transfer(spec: &Spec, layout: &Layout, server: &str, i: u64) -> Res<NewTr
     };
     Ok(t.session(session)
         .group(format!("album-{}", i / 20))
-        .idempotency_key(spec.key(i))
+        .idempotency_key(spec.key(i, creation_nonce()))
         .meta("item", i as i64)
         .retry(retry))
+}
+
+/// Makes each creation's idempotency key its own: a second record for one item would upload
+/// under a second key, and the server would store it twice, which the summary counts.
+fn creation_nonce() -> u64 {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 40)
 }
 
 /// Creates a task for the record, binds it durably, then resumes it.
@@ -142,8 +152,10 @@ fn deliver(
     // The app's own record first, then the acknowledgement: a crash between the two delivers
     // the outcome again, and the line is written again (the last one wins).
     append_line(&layout.done(), &line)?;
-    store.acknowledge(id)?;
+    // The app's copy goes before the record: the store's hard link keeps the bytes for a
+    // redelivery, and nothing is left if the app dies here.
     let _ = fs::remove_file(layout.app_files().join(format!("photo-{item}")));
+    store.acknowledge(id)?;
     Ok(())
 }
 
@@ -175,26 +187,52 @@ impl App<'_> {
             .into_iter()
             .filter(|a| sessions.contains(&a.session))
             .collect();
-        for a in &listing {
-            let Some(id) = record_of(&self.store, a) else {
-                continue;
-            };
-            let Ok(t) = self.store.get(id) else { continue };
-            if a.state == "completed"
-                && !t.state.downloaded
-                && !t.state.phase.is_terminal()
-                && let Some(f) = a.file.as_ref().filter(|f| f.is_file())
+        // A failed download's resume data, kept before planning so the plan can resume it.
+        for a in listing.iter().filter(|a| a.state == "failed") {
+            if let (Some(data), Some(id)) = (&a.resume_data, record_of(&self.store, a))
+                && self
+                    .store
+                    .get(id)
+                    .is_ok_and(|t| !t.state.phase.is_terminal())
             {
-                self.store.accept_download(id, f)?;
-            }
-            if let (Some(data), false) = (&a.resume_data, t.state.phase.is_terminal()) {
                 self.store.store_resume_data(id, data.as_bytes())?;
             }
         }
         let tasks: Vec<Task> = listing.iter().map(to_task).collect();
         let by_key: BTreeMap<TaskRef, &AgentTask> =
             listing.iter().map(|a| (to_task(a).key(), a)).collect();
-        let plan = self.store.reconcile(&sessions, &tasks, SystemTime::now())?;
+        let mut plan = self.store.reconcile(&sessions, &tasks, SystemTime::now())?;
+        // A download that succeeded is claimed only once its file is in the store. If the
+        // agent no longer has the file, the platform lost the result: the task is lost, not
+        // failed, and the next plan recreates it.
+        let mut lost_results = Vec::new();
+        for a in &plan.actions {
+            if let Action::Deliver {
+                id,
+                claim: true,
+                outcome: Outcome::Succeeded { .. },
+                task: Some(task),
+            } = a
+                && let Ok(t) = self.store.get(*id)
+                && t.manifest.kind == waybill::Kind::Download
+                && !t.state.downloaded
+            {
+                match by_key
+                    .get(task)
+                    .and_then(|x| x.file.as_ref())
+                    .filter(|f| f.is_file())
+                {
+                    Some(f) => self.store.accept_download(*id, f)?,
+                    None => {
+                        self.store.task_lost(*id)?;
+                        self.agent.call(&Call::Collect { id: task.task_id })?;
+                        lost_results.push(*id);
+                    }
+                }
+            }
+        }
+        plan.actions
+            .retain(|a| !matches!(a, Action::Deliver { id, .. } if lost_results.contains(id)));
         let report = self.store.apply(&plan)?;
         let lost: BTreeSet<TransferId> = report.claims_lost.iter().copied().collect();
         let now = SystemTime::now();
@@ -332,7 +370,9 @@ pub fn run(layout: &Layout, spec: Spec, server: String) -> Res<()> {
         app.create_missing(&done)?;
         app.progress()?;
         let left = app.store.list(&Filter::all())?.len();
-        if done.len() as u64 == spec.n && left == 0 {
+        // The demo keeps killing until its last kill: until then a finished app stays up.
+        let kills_over = layout.root.join("app/kills-done").exists();
+        if done.len() as u64 == spec.n && left == 0 && kills_over {
             app.store.flush()?;
             return Ok(());
         }

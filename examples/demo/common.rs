@@ -147,8 +147,9 @@ impl Spec {
         hex(&Sha256::digest(self.content(i)))
     }
 
-    pub fn key(&self, i: u64) -> String {
-        format!("demo-{}-{i}", self.seed)
+    /// An idempotency key for item `i`, unique to one creation of it.
+    pub fn key(&self, i: u64, nonce: u64) -> String {
+        format!("demo-{}-{i}-{nonce:x}", self.seed)
     }
 }
 

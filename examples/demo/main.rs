@@ -103,6 +103,11 @@ fn parse() -> Res<Args> {
     if a.min == 0 || a.max < a.min {
         return Err("sizes: need 0 < --min-size <= --max-size".into());
     }
+    if a.agent_kills > 0 && a.app_kills <= a.agent_kills {
+        return Err(
+            "the agent is killed between app kills: need --app-kills > --agent-kills".into(),
+        );
+    }
     Ok(a)
 }
 
@@ -184,9 +189,19 @@ fn orchestrate(a: &Args, spec: Spec) -> Res<bool> {
     kill_bar.set_prefix("kills");
 
     let mut rng = Rng(spec.seed ^ 0x0c4e_57a7);
-    let mut agent = role("agent")?;
-    let mut extension = Some(role("extension")?);
-    let mut app = role("app")?;
+    if a.app_kills == 0 {
+        std::fs::write(layout.root.join("app/kills-done"), b"")?;
+    }
+    let mut procs = Procs {
+        agent: role("agent")?,
+        extension: Some(role("extension")?),
+        app: role("app")?,
+    };
+    let Procs {
+        agent,
+        extension,
+        app,
+    } = &mut procs;
     let (mut app_kills, mut agent_kills, mut app_errors) = (0u32, 0u32, 0u32);
     // The agent is killed after evenly spaced app kills; the middle one loses its table.
     let agent_at: Vec<u32> = (1..=a.agent_kills)
@@ -205,7 +220,7 @@ fn orchestrate(a: &Args, spec: Spec) -> Res<bool> {
         if let Some(e) = extension.as_mut()
             && let Some(status) = e.try_wait()?
         {
-            extension = if status.success() {
+            *extension = if status.success() {
                 None
             } else {
                 Some(role("extension")?)
@@ -217,7 +232,7 @@ fn orchestrate(a: &Args, spec: Spec) -> Res<bool> {
             }
             app_errors += 1;
             kill_bar.set_message(format!("app exited with {status}; relaunched"));
-            app = role("app")?;
+            *app = role("app")?;
             continue;
         }
         if app_kills < a.app_kills && Instant::now() >= next_kill {
@@ -236,21 +251,19 @@ fn orchestrate(a: &Args, spec: Spec) -> Res<bool> {
                 } else {
                     kill_bar.set_message("agent killed");
                 }
-                agent = role("agent")?;
+                *agent = role("agent")?;
             } else {
                 kill_bar.set_message("app killed");
             }
-            app = role("app")?;
+            if app_kills == a.app_kills {
+                std::fs::write(layout.root.join("app/kills-done"), b"")?;
+            }
+            *app = role("app")?;
             next_kill = Instant::now() + Duration::from_millis(150 + rng.below(750));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _ = agent.kill();
-    let _ = agent.wait();
-    if let Some(mut e) = extension {
-        let _ = e.kill();
-        let _ = e.wait();
-    }
+    drop(procs);
     done_bar.finish();
     kill_bar.finish_with_message("done");
 
@@ -263,7 +276,8 @@ fn orchestrate(a: &Args, spec: Spec) -> Res<bool> {
             .get(&i)
             .is_some_and(|d| d.ok && d.len == len && d.sha == sha);
         let server_ok = if spec.kind(i).is_upload() {
-            stats.stored.get(&spec.key(i)) == Some(&(i, len, sha.clone()))
+            let mut bodies = stats.stored.values().filter(|(item, _, _)| *item == i);
+            bodies.next() == Some(&(i, len, sha.clone())) && bodies.next().is_none()
         } else {
             true // the server generated these bytes: its side is `spec`
         };
@@ -367,6 +381,29 @@ fn orchestrate(a: &Args, spec: Spec) -> Res<bool> {
         let _ = tmp.keep();
     }
     Ok(ok)
+}
+
+/// The demo's processes; whatever ends the run (an error included) kills them.
+struct Procs {
+    agent: Child,
+    extension: Option<Child>,
+    app: Child,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in [
+            Some(&mut self.app),
+            Some(&mut self.agent),
+            self.extension.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 #[derive(Debug, Default)]
