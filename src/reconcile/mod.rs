@@ -220,7 +220,8 @@ pub enum Action {
         id: TransferId,
         /// The task.
         task: TaskRef,
-        /// The task's tag, if it had one.
+        /// The tag the binding records: the task's, when it names this record (the id, the
+        /// idempotency key, or the tag already bound); otherwise the tag already bound.
         tag: Option<String>,
         /// Bytes transferred, from the task.
         bytes_done: u64,
@@ -774,6 +775,24 @@ fn match_tasks(inp: &mut Inputs<'_>) -> Matching {
     }
 }
 
+/// The tag an adopted task's binding records: the task's own when it names this record (its
+/// id, its idempotency key, or the tag already bound), else the tag already bound. A tag that
+/// names nothing (empty, or shared by unrelated tasks) is never recorded: it would make the
+/// next reconcile match every record that recorded it.
+fn identifying_tag(t: &Transfer, task: &Task) -> Option<String> {
+    let bound = t.state.binding.as_ref().and_then(|b| b.tag.clone());
+    match task.tag.as_deref() {
+        Some(tag)
+            if TransferId::parse_canonical(tag) == Some(t.id())
+                || tag == t.manifest.idempotency_key
+                || bound.as_deref() == Some(tag) =>
+        {
+            Some(tag.to_owned())
+        }
+        _ => bound,
+    }
+}
+
 fn past(deadline: Option<SystemTime>, now: SystemTime) -> bool {
     deadline.is_some_and(|d| now >= d)
 }
@@ -866,7 +885,7 @@ fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOpti
         (Some(task), Some(key)) if task.state != TaskState::Cancelling => Action::Adopt {
             id,
             task: key,
-            tag: task.tag.clone(),
+            tag: identifying_tag(t, task),
             bytes_done: task.bytes_done,
             bytes_total: task.bytes_total,
         },
