@@ -494,6 +494,12 @@ fn reconcile_inner(data: &[u8]) -> Result<(), String> {
     }
 
     let now = clock();
+    if std::env::var_os("WAYBILL_FUZZ_DEBUG").is_some() {
+        eprintln!(
+            "tasks {tasks:#?}\nrecords {:#?}",
+            store.scan().map(|s| s.transfers)
+        );
+    }
     let plan = store
         .reconcile(&sessions, &tasks, now)
         .map_err(e("reconcile"))?;
