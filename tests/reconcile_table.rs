@@ -1,5 +1,6 @@
 //! Every row of the reconcile table (DESIGN.md), plus ambiguity, a missing tag, a reused task id
-//! with a different URL, a completed-with-error task and a reset, each planned against a real
+//! with a different URL, a completed-with-error task, a reset and a tag shared by unrelated
+//! tasks, each planned against a real
 //! store and, where the store changes, applied and planned again.
 
 #![allow(
@@ -547,5 +548,40 @@ fn group_finishes_once_when_its_last_member_ends_through_apply() -> TestResult {
         store.claim_group_finished("album")?,
         waybill::GroupClaim::Lost
     ));
+    Ok(())
+}
+
+#[test]
+fn a_tag_shared_by_unrelated_tasks_is_not_recorded_and_reconciling_stays_idempotent() -> TestResult
+{
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let a = dl(&store, "https://x/a")?;
+    let b = dl(&store, "https://x/b")?;
+    // Unbound records, adopted by URL; both tasks carry the same tag, which names neither.
+    let tasks = vec![
+        Task::running(S, 1, "https://x/a").tag("upload"),
+        Task::running(S, 2, "https://x/b").tag("upload"),
+    ];
+    let now = SystemTime::now();
+    let first = store.reconcile(&sessions(), &tasks, now)?;
+    assert!(
+        first
+            .actions
+            .iter()
+            .all(|x| matches!(x, Action::Adopt { .. })),
+        "{first:?}"
+    );
+    store.apply(&first)?;
+    for id in [a, b] {
+        let binding = store.get(id)?.state.binding.ok_or("bound")?;
+        assert_eq!(
+            binding.tag, None,
+            "a tag that names nothing is not recorded"
+        );
+    }
+    // Planned again with the same tasks: the same adoptions, nothing cancelled or recreated.
+    let again = store.reconcile(&sessions(), &tasks, now)?;
+    assert_eq!(again, first);
     Ok(())
 }
