@@ -219,6 +219,15 @@ struct Model {
 }
 
 impl Model {
+    /// The records with coalesced progress not yet written.
+    fn coalesced(&self) -> HashSet<TransferId> {
+        self.recs
+            .iter()
+            .filter(|(_, r)| r.coalesced.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     fn live(&self) -> Vec<TransferId> {
         self.ids
             .iter()
@@ -852,12 +861,7 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
             steps.get(..i)
         );
         // Coalesced progress pending before the step may be written by it, or not.
-        let coalesced: HashSet<TransferId> = model
-            .recs
-            .iter()
-            .filter(|(_, r)| r.coalesced.is_some())
-            .map(|(id, _)| *id)
-            .collect();
+        let coalesced = model.coalesced();
         sim.record();
         let r = exec(&step, &mut store, &sim, &mut model, &mut rng);
         let snaps = sim.take_snapshots();
@@ -962,12 +966,7 @@ fn ops_steps(data: &[u8], fault: Option<(usize, u64)>) -> Result<OpsRun, String>
         } else {
             model.next_step(&mut input)
         };
-        let coalesced: HashSet<TransferId> = model
-            .recs
-            .iter()
-            .filter(|(_, r)| r.coalesced.is_some())
-            .map(|(id, _)| *id)
-            .collect();
+        let coalesced = model.coalesced();
         let inject = fault.filter(|(s, _)| *s == i);
         if let Some((_, call)) = inject {
             sim.fail_call(call);
