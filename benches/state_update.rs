@@ -1,8 +1,13 @@
-//! Cost of one durable state update, next to the raw floor of one `pwrite` of 256 bytes plus
-//! one `fdatasync` on the same file system, measured in one run.
+//! Cost of one durable state update (one transfer rewritten), next to its anchors, in one run:
 //!
-//! Besides criterion's figures, the bench alternates the two (A B A B …, batches of 100) and
-//! prints the median of the pairwise ratios, because absolute times on a shared VM drift.
+//! - the raw floor: one `pwrite` of 256 bytes plus one `fdatasync` on an open file;
+//! - SQLite (bundled, WAL, `synchronous=FULL`), one row updated per transaction;
+//! - redb with its default durability, one insert per write transaction;
+//! - write a temporary file, `fdatasync` it, rename it over the old one and sync the directory.
+//!
+//! The contenders run in alternation (batches of 50, order rotated every round) and the bench
+//! prints each one's median pairwise ratio to the floor. Goal: waybill ≤ 1.10× the floor.
+//! Criterion's own estimates follow for waybill and the floor.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,92 +15,153 @@
     reason = "a benchmark that cannot set up should stop"
 )]
 
+mod common;
+
 use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
 
+use common::Contender;
 use criterion::{Criterion, criterion_group, criterion_main};
 use waybill::{Durability, NewTransfer, Store, TransferId};
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    store: Store,
-    id: TransferId,
-    raw: File,
+const ROUNDS: usize = 30;
+const BATCH: usize = 50;
+
+fn state_bytes(n: u64) -> [u8; 256] {
+    let mut buf = [0x5au8; 256];
+    buf[..8].copy_from_slice(&n.to_le_bytes());
+    buf
+}
+
+struct Floor {
+    file: File,
     n: u64,
 }
 
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path().join("store")).unwrap();
-    let id = store
-        .create(NewTransfer::download("https://example.com/bench"))
-        .unwrap();
-    let raw = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("raw"))
-        .unwrap();
-    raw.write_all_at(&[0u8; 4096], 0).unwrap();
-    raw.sync_all().unwrap();
-    Setup {
-        _dir: dir,
-        store,
-        id,
-        raw,
-        n: 0,
+impl Floor {
+    fn new(dir: &Path) -> Floor {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("raw"))
+            .unwrap();
+        file.write_all_at(&[0u8; 4096], 0).unwrap();
+        file.sync_all().unwrap();
+        Floor { file, n: 0 }
+    }
+
+    fn op(&mut self) {
+        self.n += 1;
+        self.file
+            .write_all_at(black_box(&state_bytes(self.n)), 0)
+            .unwrap();
+        self.file.sync_data().unwrap();
     }
 }
 
-impl Setup {
-    fn waybill_update(&mut self) {
+struct Waybill {
+    store: Store,
+    id: TransferId,
+    n: u64,
+}
+
+impl Waybill {
+    fn new(dir: &Path) -> Waybill {
+        let store = Store::open(dir.join("store")).unwrap();
+        let id = store
+            .create(NewTransfer::download("https://example.com/bench"))
+            .unwrap();
+        Waybill { store, id, n: 0 }
+    }
+
+    fn op(&mut self) {
         self.n += 1;
         self.store
             .progress(self.id, self.n, Some(1 << 30), Durability::Immediate)
             .unwrap();
     }
+}
 
-    fn raw_floor(&mut self) {
-        self.n += 1;
-        let mut buf = [0u8; 256];
-        buf[..8].copy_from_slice(&self.n.to_le_bytes());
-        self.raw.write_all_at(black_box(&buf), 0).unwrap();
-        self.raw.sync_data().unwrap();
+fn sqlite(dir: &Path) -> impl FnMut() {
+    let db = rusqlite::Connection::open(dir.join("sqlite.db")).unwrap();
+    db.pragma_update(None, "journal_mode", "WAL").unwrap();
+    db.pragma_update(None, "synchronous", "FULL").unwrap();
+    db.execute(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, state BLOB NOT NULL)",
+        [],
+    )
+    .unwrap();
+    db.execute("INSERT INTO t VALUES (1, ?1)", [state_bytes(0).as_slice()])
+        .unwrap();
+    let mut n = 0u64;
+    move || {
+        n += 1;
+        db.execute(
+            "UPDATE t SET state = ?1 WHERE id = 1",
+            [state_bytes(n).as_slice()],
+        )
+        .unwrap();
     }
 }
 
-fn timed(s: &mut Setup, f: fn(&mut Setup), n: usize) -> Duration {
-    let t = Instant::now();
-    for _ in 0..n {
-        f(s);
+const REDB_TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
+
+fn redb_update(dir: &Path) -> impl FnMut() {
+    let db = redb::Database::create(dir.join("redb.db")).unwrap();
+    let mut n = 0u64;
+    move || {
+        n += 1;
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(REDB_TABLE).unwrap();
+            t.insert(1, state_bytes(n).as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
     }
-    t.elapsed()
+}
+
+fn temp_rename(dir: &Path) -> impl FnMut() {
+    let d: PathBuf = dir.join("renamed");
+    std::fs::create_dir(&d).unwrap();
+    let dirf = File::open(&d).unwrap();
+    let (tmp, dst) = (d.join("state.tmp"), d.join("state"));
+    let mut n = 0u64;
+    move || {
+        n += 1;
+        let f = File::create(&tmp).unwrap();
+        f.write_all_at(&state_bytes(n), 0).unwrap();
+        f.sync_data().unwrap();
+        std::fs::rename(&tmp, &dst).unwrap();
+        dirf.sync_all().unwrap();
+    }
 }
 
 fn bench(c: &mut Criterion) {
-    let mut s = setup();
+    let dir = common::scratch();
+    let mut floor = Floor::new(dir.path());
+    let mut wb = Waybill::new(dir.path());
+    {
+        let mut cs = [
+            Contender::new("raw pwrite+fdatasync 256 B", || floor.op()),
+            Contender::new("waybill state update", || wb.op()),
+            Contender::new("SQLite WAL synchronous=FULL", sqlite(dir.path())),
+            Contender::new("redb, 1 insert per txn", redb_update(dir.path())),
+            Contender::new("temp file + rename + dir sync", temp_rename(dir.path())),
+        ];
+        let rows = common::alternate(ROUNDS, BATCH, &mut cs);
+        common::print(
+            &format!("durable state update ({ROUNDS} rounds of {BATCH}, ratio to the floor)"),
+            &rows,
+        );
+    }
     let mut g = c.benchmark_group("durable_update");
-    g.bench_function("waybill_state_update", |b| b.iter(|| s.waybill_update()));
-    g.bench_function("raw_pwrite_fdatasync_256B", |b| b.iter(|| s.raw_floor()));
+    g.bench_function("waybill_state_update", |b| b.iter(|| wb.op()));
+    g.bench_function("raw_pwrite_fdatasync_256B", |b| b.iter(|| floor.op()));
     g.finish();
-
-    let mut ratios: Vec<f64> = (0..20)
-        .map(|_| {
-            let a = timed(&mut s, Setup::waybill_update, 100);
-            let b = timed(&mut s, Setup::raw_floor, 100);
-            a.as_secs_f64() / b.as_secs_f64()
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "durable update / raw floor: median {:.2}x (min {:.2}x, max {:.2}x, 20 alternating pairs of 100)",
-        ratios[ratios.len() / 2],
-        ratios[0],
-        ratios[ratios.len() - 1]
-    );
 }
 
 criterion_group!(benches, bench);

@@ -811,6 +811,22 @@ impl Backend for Sim {
         Ok(got.len())
     }
 
+    fn read_at(&self, f: &Handle, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
+        self.st().fault("read")?;
+        let f = sim(f)?;
+        let st = self.st();
+        let data = match st.live.nodes.get(&f.ino) {
+            Some(Node::File(d)) => d,
+            Some(Node::Dir(_)) => return Err(errno(libc::EISDIR)),
+            None => return Err(errno(libc::EBADF)),
+        };
+        let pos = usize::try_from(offset).unwrap_or(usize::MAX);
+        let got = data.get(pos..).unwrap_or_default();
+        let got = got.get(..len.min(got.len())).unwrap_or_default();
+        buf.extend_from_slice(got);
+        Ok(got.len())
+    }
+
     fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
         self.st().fault("write_at")?;
         let f = sim(f)?;

@@ -256,6 +256,16 @@ pub(crate) fn decode_slot(index: u8, bytes: &[u8]) -> Result<Slot, Corruption> {
     })
 }
 
+/// The body length a slot's header claims, if the header's magic is right (unchecked
+/// otherwise: the CRC decides validity later). Used to read no more of a slot than needed.
+pub(crate) fn slot_len_hint(slot: &[u8]) -> Option<usize> {
+    if slot.get(..4)? != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(slot.get(LEN_AT..LEN_AT + 4)?.try_into().ok()?);
+    usize::try_from(len).ok().filter(|&n| n <= MAX_BODY)
+}
+
 /// Decodes both slots of a state file's bytes.
 pub(crate) fn decode_file(bytes: &[u8]) -> Slots {
     let s0 = bytes
