@@ -236,9 +236,17 @@ impl App<'_> {
         let report = self.store.apply(&plan)?;
         let lost: BTreeSet<TransferId> = report.claims_lost.iter().copied().collect();
         let now = SystemTime::now();
-        let mut names = Vec::new();
+        let names: Vec<&'static str> = plan.actions.iter().map(Action::name).collect();
+        // Logged before acting, so a kill while acting cannot hide a delivery from the summary
+        // (a plan computed again after the kill is logged again).
+        for n in &names {
+            if launch {
+                append_line(&self.layout.actions(), &format!("launch {n}"))?;
+            } else if *n != "adopt" {
+                append_line(&self.layout.actions(), &format!("tick {n}"))?;
+            }
+        }
         for a in &plan.actions {
-            names.push(a.name());
             match a {
                 Action::Adopt { task, .. }
                     if by_key.get(task).is_some_and(|t| t.state == "suspended") =>
@@ -297,13 +305,6 @@ impl App<'_> {
                     }
                 }
                 _ => {}
-            }
-        }
-        for n in &names {
-            if launch {
-                append_line(&self.layout.actions(), &format!("launch {n}"))?;
-            } else if *n != "adopt" {
-                append_line(&self.layout.actions(), &format!("tick {n}"))?;
             }
         }
         Ok(names)
