@@ -157,19 +157,19 @@ impl Store {
     /// # Errors
     /// I/O errors listing the store's directories (damaged records are findings, not errors).
     pub fn check(&self, mut progress: impl FnMut(usize, usize)) -> Result<CheckReport> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let mut r = CheckReport::default();
-        for e in self.fs.list(self.root())? {
+        for e in self.core.fs.list(self.root())? {
             let name = e.name.to_string_lossy();
             let known = ROOT_ENTRIES.contains(&name.as_ref()) || name.starts_with("FORMAT.tmp-");
             if !known || e.is_symlink {
                 r.strays.push(self.root().join(&e.name));
             }
         }
-        for e in self.fs.list(&self.dir(QUARANTINE))? {
+        for e in self.core.fs.list(&self.dir(QUARANTINE))? {
             r.quarantined.push(self.dir(QUARANTINE).join(&e.name));
         }
-        for e in self.fs.list(&self.dir(STAGING))? {
+        for e in self.core.fs.list(&self.dir(STAGING))? {
             let path = self.dir(STAGING).join(&e.name);
             if canonical(&e.name).is_none() || !e.is_dir || e.is_symlink {
                 r.strays.push(path);
@@ -179,7 +179,7 @@ impl Store {
                 r.staging_debris.push(path);
             }
         }
-        for e in self.fs.list(&self.dir(TRASH))? {
+        for e in self.core.fs.list(&self.dir(TRASH))? {
             let path = self.dir(TRASH).join(&e.name);
             if canonical(&e.name).is_none() || !e.is_dir || e.is_symlink {
                 r.strays.push(path);
@@ -188,7 +188,7 @@ impl Store {
             }
         }
         let dir = self.dir(TRANSFERS);
-        let entries = self.fs.list(&dir)?;
+        let entries = self.core.fs.list(&dir)?;
         let total = entries.len();
         for (done, e) in entries.into_iter().enumerate() {
             let path = dir.join(&e.name);
@@ -205,8 +205,8 @@ impl Store {
     /// about to (younger than the staging grace, and nothing done under a lock yet).
     fn staging_owned(&self, path: &Path) -> Result<bool> {
         let state = path.join(STATE);
-        if let Ok(f) = self.fs.open_read(&state) {
-            if !self.fs.try_lock(&f, &state)? {
+        if let Ok(f) = self.core.fs.open_read(&state) {
+            if !self.core.fs.try_lock(&f, &state)? {
                 return Ok(true);
             }
             if self.builder_locked_once(path) {
@@ -238,7 +238,7 @@ impl Store {
         };
         let state_path = dir.join(STATE);
         let mut ended = false;
-        match self.fs.read_bounded(&state_path, state_fmt::MAX_FILE) {
+        match self.core.fs.read_bounded(&state_path, state_fmt::MAX_FILE) {
             Ok(bytes) => {
                 let slots = state_fmt::decode_file(&bytes);
                 match state_fmt::newest_or_corrupt(&state_path, &slots) {
@@ -257,7 +257,7 @@ impl Store {
         }
         let kind = manifest.as_ref().map(|m| m.kind);
         let mut has_payload = false;
-        let entries = match self.fs.list(dir) {
+        let entries = match self.core.fs.list(dir) {
             Ok(v) => v,
             Err(e) => {
                 unreadable(RecordPart::Manifest, dir.to_path_buf(), e);
@@ -292,7 +292,7 @@ impl Store {
     }
 
     fn still_there(&self, dir: &Path) -> bool {
-        self.fs.lstat(dir).is_ok()
+        self.core.fs.lstat(dir).is_ok()
     }
 
     /// True when `path` is `<root>/<dir>/<name>` with a canonical transfer id as `name`.
@@ -319,7 +319,7 @@ impl Store {
     /// [`ErrorKind::Poisoned`] after a failed sync; other failures are listed in
     /// [`RepairReport::left`].
     pub fn repair(&self, found: &CheckReport) -> Result<RepairReport> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let mut out = RepairReport::default();
         let left = |path: &Path, why: String, out: &mut RepairReport| {
             out.left.push((path.to_path_buf(), why));
@@ -368,7 +368,7 @@ impl Store {
             let cleared = if self.is_entry_of(path, STAGING) {
                 self.clear_staged(path)
             } else if self.is_entry_of(path, TRASH) {
-                self.fs.remove_tree(path).map(|()| true)
+                self.core.fs.remove_tree(path).map(|()| true)
             } else {
                 left(path, "not debris of this store".into(), &mut out);
                 continue;
@@ -381,7 +381,7 @@ impl Store {
             }
         }
         for d in [STAGING, TRASH] {
-            self.fs.sync_dir(&self.dir(d))?;
+            self.core.fs.sync_dir(&self.dir(d))?;
         }
         for path in found.strays.iter().chain(&found.orphans) {
             if !self.is_inside(path) {
@@ -428,13 +428,13 @@ impl Store {
         let to = self
             .dir(QUARANTINE)
             .join(format!("stray-{}-{name}", TransferId::new_v4()));
-        match self.fs.rename(path, &to) {
+        match self.core.fs.rename(path, &to) {
             Ok(()) => {}
             Err(e) if e.is_not_found_io() => return Ok(None),
             Err(e) => return Err(e),
         }
-        self.fs.sync_dir(&self.dir(QUARANTINE))?;
-        self.fs.sync_dir(parent)?;
+        self.core.fs.sync_dir(&self.dir(QUARANTINE))?;
+        self.core.fs.sync_dir(parent)?;
         tracing::warn!(from = %path.display(), to = %to.display(), "moved a stray entry aside");
         Ok(Some(to))
     }
@@ -446,7 +446,7 @@ impl Store {
     /// [`ErrorKind::Busy`] when another process holds the store's lock (it is cleaning the same
     /// debris) beyond the lock timeout; I/O errors.
     pub fn gc(&self) -> Result<GcReport> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let debris = self.clear_debris_locked()?;
         let mut purged = Vec::new();
         for t in self.list(&crate::Filter::all().phase(crate::Phase::Cancelled))? {
@@ -473,7 +473,7 @@ impl Store {
         let mut s = Stats {
             transfers: scan.transfers.len(),
             unreadable: scan.corrupt.len(),
-            quarantined: self.fs.list(&self.dir(QUARANTINE))?.len(),
+            quarantined: self.core.fs.list(&self.dir(QUARANTINE))?.len(),
             bytes_on_disk: self.bytes_below(self.root())?,
             ..Stats::default()
         };
@@ -492,7 +492,7 @@ impl Store {
         let mut total = 0u64;
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
-            let entries = match self.fs.list(&d) {
+            let entries = match self.core.fs.list(&d) {
                 Ok(v) => v,
                 // Removed while we walked.
                 Err(e) if e.is_not_found_io() => continue,
@@ -502,7 +502,7 @@ impl Store {
                 let p = d.join(&e.name);
                 if e.is_dir && !e.is_symlink {
                     stack.push(p);
-                } else if let Ok(m) = self.fs.lstat(&p)
+                } else if let Ok(m) = self.core.fs.lstat(&p)
                     && m.is_file()
                 {
                     total = total.saturating_add(m.len());

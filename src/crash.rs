@@ -55,6 +55,7 @@ fn open(sim: &Arc<Sim>) -> crate::Result<Store> {
         .clock(clock)
         .staging_grace(Duration::ZERO)
         .flush_interval(Duration::from_secs(3600))
+        .background_flush(false)
         .lock_timeout(Duration::from_millis(10))
         .open(ROOT)
 }
@@ -73,7 +74,7 @@ struct View {
 type Views = BTreeMap<TransferId, View>;
 
 fn read_file(store: &Store, path: &Path) -> crate::Result<Vec<u8>> {
-    store.fs.read_bounded(path, 1 << 20)
+    store.core.fs.read_bounded(path, 1 << 20)
 }
 
 fn view_of(store: &Store, t: &crate::Transfer) -> crate::Result<View> {
@@ -83,7 +84,7 @@ fn view_of(store: &Store, t: &crate::Transfer) -> crate::Result<View> {
     let payload = if has_payload {
         let h = store.checked_payload(id)?;
         let path = store.payload_path(id);
-        Some(store.fs.read_prefix(&h, &path, 1 << 20)?)
+        Some(store.core.fs.read_prefix(&h, &path, 1 << 20)?)
     } else {
         None
     };
@@ -810,7 +811,7 @@ fn faulty_recovery(img: &Image, x: &Expect<'_>, tally: &mut Tally, what: &str) {
         let r = open(&sim).and_then(|s| {
             let r = s.gc().map(drop);
             // An error swallowed along the way must not hide a failed sync.
-            match (&r, s.fs.check()) {
+            match (&r, s.core.fs.check()) {
                 (Ok(()), Err(e)) => Err(e),
                 _ => r,
             }

@@ -438,7 +438,7 @@ fn every_fault_at_every_call_of_every_operation_is_typed_and_loses_nothing() {
                         matches!(later.kind(), ErrorKind::Poisoned { .. }),
                         "{what}: not poisoned: {later}"
                     );
-                } else if store.fs.check().is_ok() {
+                } else if store.core.fs.check().is_ok() {
                     // Still usable through the same handle.
                     let id = download(&store)
                         .unwrap_or_else(|e| panic!("{what}: the handle stopped working: {e}"));

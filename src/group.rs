@@ -119,8 +119,8 @@ impl Store {
     /// Creates the group's directory if needed, syncing `groups/` when it is new.
     fn ensure_group_dir(&self, name: &str) -> Result<PathBuf> {
         let d = self.group_dir(name);
-        if self.fs.create_dir(&d)? {
-            self.fs.sync_dir(&self.dir(GROUPS))?;
+        if self.core.fs.create_dir(&d)? {
+            self.core.fs.sync_dir(&self.dir(GROUPS))?;
         }
         Ok(d)
     }
@@ -137,23 +137,23 @@ impl Store {
     ) -> Result<()> {
         let d = self.ensure_group_dir(group)?;
         let path = d.join(PURGED);
-        let (f, created) = self.fs.open_or_create(&path)?;
-        self.fs.lock(&f, &path, self.lock_timeout())?;
-        let len = self.fs.len(&f, &path)?;
+        let (f, created) = self.core.fs.open_or_create(&path)?;
+        self.core.fs.lock(&f, &path, self.lock_timeout())?;
+        let len = self.core.fs.len(&f, &path)?;
         // Append at a record boundary: a torn last record is overwritten.
         let at = len - len % TALLY_RECORD_LEN as u64;
         let rec = encode_record(id, outcome_code(outcome), bytes);
-        self.fs.write_at(&f, &path, at, &rec)?;
-        self.fs.sync_data(&f, &path)?;
+        self.core.fs.write_at(&f, &path, at, &rec)?;
+        self.core.fs.sync_data(&f, &path)?;
         if created {
-            self.fs.sync_dir(&d)?;
+            self.core.fs.sync_dir(&d)?;
         }
         Ok(())
     }
 
     fn tallies(&self, name: &str) -> Result<HashMap<TransferId, (u8, u64)>> {
         let path = self.group_dir(name).join(PURGED);
-        match self.fs.read_bounded(&path, MAX_TALLY_FILE) {
+        match self.core.fs.read_bounded(&path, MAX_TALLY_FILE) {
             Ok(b) => Ok(decode_records(&b)),
             Err(e) if e.is_not_found_io() => Ok(HashMap::new()),
             Err(e) => Err(e),
@@ -210,7 +210,11 @@ impl Store {
             return Err(Error::not_found(format!("group {name:?}")));
         }
         g.all_ended = g.active == 0;
-        g.finished_claimed = self.fs.lstat(&self.group_dir(name).join(FINISHED)).is_ok();
+        g.finished_claimed = self
+            .core
+            .fs
+            .lstat(&self.group_dir(name).join(FINISHED))
+            .is_ok();
         Ok(g)
     }
 
@@ -220,16 +224,16 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown group; I/O errors.
     pub fn claim_group_finished(&self, name: &str) -> Result<GroupClaim> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let mut g = self.group(name)?;
         if !g.all_ended {
             return Ok(GroupClaim::NotFinished(g));
         }
         let d = self.ensure_group_dir(name)?;
         let path = d.join(FINISHED);
-        match self.fs.create_new(&path) {
+        match self.core.fs.create_new(&path) {
             Ok(_) => {
-                self.fs.sync_dir(&d)?;
+                self.core.fs.sync_dir(&d)?;
                 g.finished_claimed = true;
                 tracing::debug!(group = name, "group finished claimed");
                 Ok(GroupClaim::Won(g))

@@ -46,6 +46,7 @@ pub struct StoreBuilder {
     clock: Clock,
     create: bool,
     clear_debris: bool,
+    background_flush: bool,
     backend: Option<Arc<dyn crate::fs::Backend>>,
 }
 
@@ -70,6 +71,7 @@ impl Default for StoreBuilder {
             clock: Arc::new(SystemTime::now),
             create: true,
             clear_debris: true,
+            background_flush: true,
             backend: None,
         }
     }
@@ -83,9 +85,30 @@ impl StoreBuilder {
         self
     }
 
-    /// The most often a transfer's coalesced progress is written and synced. Default 1 s.
+    /// How often a transfer's coalesced progress is written and synced. Default 1 s.
+    ///
+    /// The guarantee, for [`Durability::Coalesced`](crate::Durability::Coalesced) reports:
+    /// - a transfer's progress is written and synced **at most once per interval** (lifecycle
+    ///   changes are never coalesced: they are written at once, and carry the latest progress
+    ///   with them);
+    /// - a report is durable **within one interval** of being made (plus the time of the write
+    ///   itself), written by the caller's thread when it is already due, else by a background
+    ///   thread the store starts at its first coalesced report;
+    /// - [`Store::flush`] writes every pending report now, and dropping the store does too.
+    ///
+    /// The background thread holds a transfer's lock only while it writes it, never while idle.
     pub fn flush_interval(mut self, t: Duration) -> Self {
         self.flush_interval = t;
+        self
+    }
+
+    /// Whether a background thread writes coalesced progress once it is due (default true).
+    /// Without it, a report is written by the next report on the same transfer once the
+    /// interval has passed, by a lifecycle change, by [`Store::flush`] or when the store is
+    /// dropped, and the "within one interval" bound of [`StoreBuilder::flush_interval`] does
+    /// not hold. For callers that run their own timer, and for deterministic tests.
+    pub fn background_flush(mut self, on: bool) -> Self {
+        self.background_flush = on;
         self
     }
 
@@ -289,25 +312,365 @@ struct TaskIndex {
 /// A handle on one store directory. `Send + Sync`; one long-lived handle per process is the
 /// normal use. Several processes may open the same store at once.
 pub struct Store {
+    pub(crate) core: Arc<Core>,
+    cfg: StoreBuilder,
+    index: Mutex<TaskIndex>,
+    report: OpenReport,
+    /// Started at the first coalesced report (`None` inside when it could not start).
+    flusher: std::sync::OnceLock<Option<Flusher>>,
+}
+
+/// The background thread that writes coalesced progress once it is due.
+#[derive(Debug)]
+struct Flusher {
+    stop: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(core: Arc<Core>) -> Option<Flusher> {
+        let stop = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let signal = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("waybill-flush".into())
+            .spawn(move || {
+                let (m, cv) = &*signal;
+                loop {
+                    let wait = core.flush_due().unwrap_or(core.flush_interval);
+                    let g = lock(m);
+                    if *g {
+                        break;
+                    }
+                    let (g, _) = cv.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner());
+                    if *g {
+                        break;
+                    }
+                }
+            });
+        match thread {
+            Ok(t) => Some(Flusher {
+                stop,
+                thread: Some(t),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start the progress flusher; coalesced progress is written by later reports, flush() and drop");
+                None
+            }
+        }
+    }
+
+    fn stop(mut self) {
+        let (m, cv) = &*self.stop;
+        *lock(m) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the progress flusher panicked");
+        }
+    }
+}
+
+/// The part of a store the background flusher shares: enough to write one transfer's state.
+#[derive(Debug)]
+pub(crate) struct Core {
     root: PathBuf,
     pub(crate) fs: Fs,
-    cfg: StoreBuilder,
+    lock_timeout: Duration,
+    flush_interval: Duration,
     manifests: Mutex<HashMap<TransferId, Arc<Manifest>>>,
-    index: Mutex<TaskIndex>,
     pending: Mutex<HashMap<TransferId, PendingProgress>>,
-    report: OpenReport,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("root", &self.root)
+            .field("root", &self.core.root)
             .finish_non_exhaustive()
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Core {
+    /// True when `p` is dirty and its last write is at least one interval old; then the write
+    /// is claimed (its time set to now) so no other thread writes the same transfer within the
+    /// interval.
+    fn claim_if_due(&self, p: &mut PendingProgress) -> bool {
+        if p.dirty && p.last_flush.elapsed() >= self.flush_interval {
+            p.last_flush = Instant::now();
+            return true;
+        }
+        false
+    }
+
+    /// Writes one transfer's pending progress. A transfer that is gone is forgotten.
+    fn flush_one(&self, id: TransferId) -> Result<()> {
+        match self.modify_with(id, "flush progress", true, |_, _, _| Ok(((), false))) {
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                lock(&self.pending).remove(&id);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// The background flusher's step: writes every report that is due, then says how long
+    /// until the next one is (`None` when nothing is pending). Errors are logged; a failed
+    /// sync poisons the store, so the caller's next call reports it.
+    fn flush_due(&self) -> Option<Duration> {
+        let mut due: Vec<TransferId> = {
+            let mut g = lock(&self.pending);
+            g.iter_mut()
+                .filter_map(|(id, p)| self.claim_if_due(p).then_some(*id))
+                .collect()
+        };
+        due.sort_unstable();
+        for id in due {
+            if let Err(e) = self.flush_one(id) {
+                tracing::warn!(transfer = %id, error = %e, "background flush of coalesced progress failed");
+            }
+        }
+        lock(&self.pending)
+            .values()
+            .filter(|p| p.dirty)
+            .map(|p| self.flush_interval.saturating_sub(p.last_flush.elapsed()))
+            .min()
+    }
+
+    pub(crate) fn transfer_dir(&self, id: TransferId) -> PathBuf {
+        self.root.join(TRANSFERS).join(id.to_string())
+    }
+
+    /// The manifest of `id`, from the cache or from disk.
+    pub(crate) fn manifest(&self, id: TransferId) -> Result<Arc<Manifest>> {
+        if let Some(m) = lock(&self.manifests).get(&id) {
+            return Ok(Arc::clone(m));
+        }
+        let m = Arc::new(self.load_manifest(id)?);
+        lock(&self.manifests).insert(id, Arc::clone(&m));
+        Ok(m)
+    }
+
+    /// Reads and checks the manifest from disk, bypassing the cache.
+    pub(crate) fn load_manifest(&self, id: TransferId) -> Result<Manifest> {
+        let dir = self.checked_dir(id)?;
+        let path = dir.join(MANIFEST);
+        let bytes = match self.fs.read_bounded(&path, manifest::MAX_FILE) {
+            Err(e) if e.is_not_found_io() => {
+                // Gone with its directory (a concurrent removal) is not corruption.
+                self.checked_dir(id)?;
+                return Err(Error::corrupt(
+                    &path,
+                    Corruption::Truncated {
+                        needed: manifest::HEADER_LEN as u64,
+                        found: 0,
+                    },
+                ));
+            }
+            r => r?,
+        };
+        let m = manifest::decode(&path, &bytes)?;
+        if m.id != id {
+            return Err(Error::corrupt(
+                &path,
+                Corruption::IdMismatch {
+                    expected: id,
+                    found: m.id,
+                },
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Decodes a state file's bytes; when no slot is valid, rebuilds it from the manifest.
+    pub(crate) fn decode_state(
+        &self,
+        id: TransferId,
+        path: &Path,
+        bytes: &[u8],
+    ) -> (State, Option<(usize, u64)>) {
+        let slots = state_fmt::decode_file(bytes);
+        match state_fmt::newest_or_corrupt(path, &slots) {
+            Ok((i, slot)) => {
+                // Slot 1 of a new transfer was never written (the file ends before it); any
+                // other invalid slot is a torn or damaged write that we just read past.
+                let other = 1 - i;
+                let written = bytes.len() > other * state_fmt::SLOT_CAPACITY;
+                if let Some(Err(c)) = slots.slot.get(other)
+                    && written
+                {
+                    tracing::warn!(transfer = %id, slot = other, reason = %c, "state slot fallback: using the other slot");
+                }
+                (slot.state, Some((i, slot.seq)))
+            }
+            Err(_) => {
+                let mut s = State::new();
+                s.rebuilt = true;
+                (s, None)
+            }
+        }
+    }
+
+    /// The transfer's directory, checked to be a real directory (never followed through a
+    /// symlink). A missing directory is `NotFound` and evicts the cached manifest.
+    pub(crate) fn checked_dir(&self, id: TransferId) -> Result<PathBuf> {
+        self.checked_dir_meta(id).map(|(dir, _)| dir)
+    }
+
+    /// [`Store::checked_dir`], with the directory's metadata.
+    pub(crate) fn checked_dir_meta(&self, id: TransferId) -> Result<(PathBuf, crate::fs::Meta)> {
+        let dir = self.transfer_dir(id);
+        match self.fs.lstat(&dir) {
+            Ok(m) if m.is_dir() => Ok((dir, m)),
+            Ok(m) => Err(Error::corrupt(
+                &dir,
+                Corruption::WrongType {
+                    found: if m.is_symlink() {
+                        "symbolic link".into()
+                    } else {
+                        "not a directory".into()
+                    },
+                },
+            )),
+            Err(e) if e.is_not_found_io() => {
+                lock(&self.manifests).remove(&id);
+                Err(Error::not_found(format!("transfer {id}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens the transfer's state file and takes its lock, then checks that the directory at
+    /// `transfers/<id>` is still the one the file was opened in: a removal or quarantine in
+    /// another process may have moved it while this one waited. Returns the file, its path,
+    /// the directory, and whether the file was created (its directory then needs a sync).
+    ///
+    /// The check looks at the directory, never at the state file: on Linux 6.13 and later a
+    /// `stat` of a file makes its next write take a fine-grained timestamp, which dirties the
+    /// inode and made every durable update about 1.5× as slow on ext4. Nothing replaces a
+    /// state file inside its directory; removal and quarantine move the whole directory.
+    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
+        for _ in 0..3 {
+            let (dir, before) = self.checked_dir_meta(id)?;
+            let path = dir.join(STATE);
+            let (file, created) = match self.fs.open_rw(&path) {
+                Ok(f) => (f, false),
+                Err(e) if e.is_not_found_io() => self.fs.open_or_create(&path)?,
+                Err(e) => return Err(e),
+            };
+            self.fs.lock(&file, &path, self.lock_timeout)?;
+            if self.fs.same_entry(&dir, &before)? {
+                return Ok((file, path, dir, created));
+            }
+            // Moved or replaced while we waited: look again (NotFound if it is gone).
+        }
+        Err(ErrorKind::Busy {
+            path: self.transfer_dir(id).join(STATE),
+        }
+        .into())
+    }
+
+    /// [`Store::modify`]; `merge_pending` says whether coalesced progress rides along.
+    pub(crate) fn modify_with<R>(
+        &self,
+        id: TransferId,
+        op: &'static str,
+        merge_pending: bool,
+        f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
+    ) -> Result<R> {
+        self.fs.check()?;
+        let manifest = self.manifest(id)?;
+        let (file, path, dir, created) = self.lock_state(id)?;
+        let bytes = self.fs.read_state_slots(&file, &path)?;
+        let (mut state, newest) = self.decode_state(id, &path, &bytes);
+        if newest.is_none() {
+            tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
+        }
+        let pending = if merge_pending {
+            lock(&self.pending).get(&id).copied().filter(|p| p.dirty)
+        } else {
+            None
+        };
+        let mut changed = false;
+        if let Some(p) = pending
+            && !state.phase.is_terminal()
+            && (p.done, p.total) != (state.bytes_done, state.bytes_total)
+        {
+            state.bytes_done = p.done;
+            state.bytes_total = p.total.or(state.bytes_total);
+            changed = true;
+        }
+        let (answer, f_changed) = f(&manifest, &mut state, &dir)?;
+        if changed || f_changed {
+            let (slot, seq) = match newest {
+                Some((i, seq)) => (
+                    1 - i,
+                    seq.checked_add(1).ok_or_else(|| {
+                        Error::corrupt(
+                            &path,
+                            Corruption::Length {
+                                slot: Some(i as u8),
+                                found: seq,
+                                max: u64::MAX - 1,
+                            },
+                        )
+                    })?,
+                ),
+                None => (0, 1),
+            };
+            let enc = state_fmt::encode_slot(seq, &state)?;
+            self.fs
+                .write_at(&file, &path, (slot * state_fmt::SLOT_CAPACITY) as u64, &enc)?;
+            self.fs.sync_data(&file, &path)?;
+            if created {
+                self.fs.sync_dir(&dir)?;
+            }
+            tracing::debug!(transfer = %id, op, phase = %state.phase, seq, "state written");
+        } else {
+            tracing::debug!(transfer = %id, op, "no change");
+        }
+        if let Some(p) = pending {
+            let mut g = lock(&self.pending);
+            if let Some(cur) = g.get_mut(&id)
+                && (cur.done, cur.total) == (p.done, p.total)
+            {
+                cur.dirty = false;
+                cur.last_flush = Instant::now();
+            }
+        }
+        Ok(answer)
+    }
+}
+
+impl Store {
+    pub(crate) fn transfer_dir(&self, id: TransferId) -> PathBuf {
+        self.core.transfer_dir(id)
+    }
+
+    pub(crate) fn manifest(&self, id: TransferId) -> Result<Arc<Manifest>> {
+        self.core.manifest(id)
+    }
+
+    fn checked_dir(&self, id: TransferId) -> Result<PathBuf> {
+        self.core.checked_dir(id)
+    }
+
+    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
+        self.core.lock_state(id)
+    }
+
+    pub(crate) fn modify_with<R>(
+        &self,
+        id: TransferId,
+        op: &'static str,
+        merge_pending: bool,
+        f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
+    ) -> Result<R> {
+        self.core.modify_with(id, op, merge_pending, f)
+    }
 }
 
 /// A transfer built in `staging/`, not yet visible.
@@ -408,7 +771,7 @@ impl Store {
 
     /// The store's root directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.core.root
     }
 
     /// What opening found and did.
@@ -417,11 +780,7 @@ impl Store {
     }
 
     pub(crate) fn dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-
-    pub(crate) fn transfer_dir(&self, id: TransferId) -> PathBuf {
-        self.root.join(TRANSFERS).join(id.to_string())
+        self.core.root.join(name)
     }
 
     pub(crate) fn lock_timeout(&self) -> Duration {
@@ -495,20 +854,26 @@ impl Store {
         } else {
             None
         };
-        let mut store = Store {
+        let core = Arc::new(Core {
             root: root.to_path_buf(),
             fs,
-            cfg,
+            lock_timeout: cfg.lock_timeout,
+            flush_interval: cfg.flush_interval,
             manifests: Mutex::new(HashMap::new()),
-            index: Mutex::new(TaskIndex::default()),
             pending: Mutex::new(HashMap::new()),
+        });
+        let mut store = Store {
+            core,
+            cfg,
+            index: Mutex::new(TaskIndex::default()),
             report,
+            flusher: std::sync::OnceLock::new(),
         };
         // One cleaner at a time: a process that finds the root lock taken skips cleaning, since
         // the holder is cleaning the same debris.
         if store.cfg.clear_debris
             && let Some(f) = &lock_file
-            && store.fs.try_lock(f, &lock_path)?
+            && store.core.fs.try_lock(f, &lock_path)?
         {
             let d = store.clear_debris()?;
             store.report.staging_cleared = d.staging_cleared;
@@ -531,9 +896,9 @@ pub(crate) struct Debris {
 impl Store {
     /// [`Store::clear_debris`] under the store's lock, waiting for it up to the lock timeout.
     pub(crate) fn clear_debris_locked(&self) -> Result<Debris> {
-        let lock_path = self.root.join(LOCK_FILE);
-        let (f, _) = self.fs.open_or_create(&lock_path)?;
-        self.fs.lock(&f, &lock_path, self.cfg.lock_timeout)?;
+        let lock_path = self.core.root.join(LOCK_FILE);
+        let (f, _) = self.core.fs.open_or_create(&lock_path)?;
+        self.core.fs.lock(&f, &lock_path, self.cfg.lock_timeout)?;
         self.clear_debris()
     }
 
@@ -543,7 +908,7 @@ impl Store {
         let staging = self.dir(STAGING);
         let mut cleared = Vec::new();
         let mut live = Vec::new();
-        for e in self.fs.list(&staging)? {
+        for e in self.core.fs.list(&staging)? {
             let name = e.name.to_string_lossy().into_owned();
             let path = staging.join(&e.name);
             if TransferId::parse_canonical(&name).is_none() || !e.is_dir || e.is_symlink {
@@ -565,29 +930,29 @@ impl Store {
             }
         }
         if !cleared.is_empty() {
-            self.fs.sync_dir(&staging)?;
+            self.core.fs.sync_dir(&staging)?;
         }
         // A `FORMAT` being created by a process that died before its rename (young ones may
         // belong to a process creating the store right now).
-        for e in self.fs.list(&self.root)? {
-            let path = self.root.join(&e.name);
+        for e in self.core.fs.list(&self.core.root)? {
+            let path = self.core.root.join(&e.name);
             if e.name.to_string_lossy().starts_with("FORMAT.tmp-")
                 && !e.is_dir
                 && self.older_than_grace(&path).unwrap_or(false)
-                && let Err(e) = self.fs.remove_file(&path)
+                && let Err(e) = self.core.fs.remove_file(&path)
             {
                 tracing::warn!(error = %e, "could not remove a FORMAT leftover");
             }
         }
         let trash = self.dir(TRASH);
         let mut trashed = Vec::new();
-        for e in self.fs.list(&trash)? {
+        for e in self.core.fs.list(&trash)? {
             let name = e.name.to_string_lossy().into_owned();
             if TransferId::parse_canonical(&name).is_none() {
                 tracing::warn!(entry = %name, "unexpected entry in trash left alone");
                 continue;
             }
-            match self.fs.remove_tree(&trash.join(&e.name)) {
+            match self.core.fs.remove_tree(&trash.join(&e.name)) {
                 Ok(()) => {
                     tracing::warn!(transfer = %name, "finished an interrupted removal");
                     trashed.push(name);
@@ -604,6 +969,7 @@ impl Store {
 
     pub(crate) fn older_than_grace(&self, path: &Path) -> Result<bool> {
         let age = self
+            .core
             .fs
             .lstat(path)?
             .modified()
@@ -617,9 +983,9 @@ impl Store {
         let state_path = path.join(STATE);
         // Hold the builder's lock (if we can take it) while deleting, so no builder can resume
         // in a directory being removed.
-        let held = match self.fs.open_read(&state_path) {
+        let held = match self.core.fs.open_read(&state_path) {
             Ok(f) => {
-                if !self.fs.try_lock(&f, &state_path)? {
+                if !self.core.fs.try_lock(&f, &state_path)? {
                     return Ok(false);
                 }
                 Some(f)
@@ -629,7 +995,7 @@ impl Store {
         if (held.is_none() || !self.builder_locked_once(path)) && !self.older_than_grace(path)? {
             return Ok(false);
         }
-        self.fs.remove_tree(path)?;
+        self.core.fs.remove_tree(path)?;
         Ok(true)
     }
 
@@ -639,17 +1005,18 @@ impl Store {
     /// covers the instant between creating the state file and locking it.
     pub(crate) fn builder_locked_once(&self, path: &Path) -> bool {
         let state_written = self
+            .core
             .fs
             .lstat(&path.join(STATE))
             .is_ok_and(|m| m.is_file() && m.len() > 0);
         state_written
-            || self.fs.lstat(&path.join(MANIFEST)).is_ok()
-            || self.fs.lstat(&path.join(PAYLOAD)).is_ok()
+            || self.core.fs.lstat(&path.join(MANIFEST)).is_ok()
+            || self.core.fs.lstat(&path.join(PAYLOAD)).is_ok()
     }
 
     fn scan_unknown(&mut self) -> Result<()> {
         let transfers = self.dir(TRANSFERS);
-        for e in self.fs.list(&transfers)? {
+        for e in self.core.fs.list(&transfers)? {
             let ok = e.is_dir
                 && !e.is_symlink
                 && e.name
@@ -700,7 +1067,7 @@ impl Store {
     /// # Errors
     /// As [`Store::create`]; on an error, no transfer of the batch is left visible.
     pub fn create_batch(&self, items: Vec<NewTransfer>) -> Result<Vec<TransferId>> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         for t in &items {
             Self::validate(t)?;
         }
@@ -709,7 +1076,7 @@ impl Store {
         let built = self.stage_all(items, now, &mut staged);
         if let Err(e) = built {
             for s in &staged {
-                let _ = self.fs.remove_tree(&s.dir);
+                let _ = self.core.fs.remove_tree(&s.dir);
             }
             return Err(e);
         }
@@ -717,21 +1084,21 @@ impl Store {
         let mut moved: Vec<TransferId> = Vec::with_capacity(staged.len());
         for s in &staged {
             let to = transfers.join(s.id.to_string());
-            if let Err(e) = self.fs.rename(&s.dir, &to) {
+            if let Err(e) = self.core.fs.rename(&s.dir, &to) {
                 self.roll_back(&moved);
                 for s in &staged {
-                    let _ = self.fs.remove_tree(&s.dir);
+                    let _ = self.core.fs.remove_tree(&s.dir);
                 }
                 return Err(e);
             }
             moved.push(s.id);
         }
-        if let Err(e) = self.fs.sync_dir(&transfers) {
+        if let Err(e) = self.core.fs.sync_dir(&transfers) {
             // Not acknowledged: take the batch back out so an `Err` leaves nothing visible.
             self.roll_back(&moved);
             return Err(e);
         }
-        let mut cache = lock(&self.manifests);
+        let mut cache = lock(&self.core.manifests);
         for s in staged {
             tracing::debug!(transfer = %s.id, kind = %s.manifest.kind, "created");
             cache.insert(s.id, Arc::new(s.manifest));
@@ -744,9 +1111,11 @@ impl Store {
     /// are logged: the caller already has the error that made the batch fail.
     fn roll_back(&self, moved: &[TransferId]) {
         for id in moved {
-            let r = self
-                .move_to_trash(*id)
-                .and_then(|()| self.fs.remove_tree(&self.dir(TRASH).join(id.to_string())));
+            let r = self.move_to_trash(*id).and_then(|()| {
+                self.core
+                    .fs
+                    .remove_tree(&self.dir(TRASH).join(id.to_string()))
+            });
             if let Err(e) = r {
                 tracing::error!(transfer = %id, error = %e, "could not roll back a member of a failed batch create");
             }
@@ -781,55 +1150,57 @@ impl Store {
         for t in items {
             let id = TransferId::new_v4();
             let dir = self.dir(STAGING).join(id.to_string());
-            self.fs.create_dir(&dir)?;
+            self.core.fs.create_dir(&dir)?;
             match self.build(id, &dir, t, now) {
                 Ok(s) => staged.push(s),
                 Err(e) => {
-                    let _ = self.fs.remove_tree(&dir);
+                    let _ = self.core.fs.remove_tree(&dir);
                     return Err(e);
                 }
             }
         }
         for s in staged.iter() {
             for (f, p) in &s.to_sync {
-                self.fs.sync_data(f, p)?;
+                self.core.fs.sync_data(f, p)?;
             }
-            self.fs.sync_dir(&s.dir)?;
+            self.core.fs.sync_dir(&s.dir)?;
         }
         Ok(())
     }
 
     fn build(&self, id: TransferId, dir: &Path, t: NewTransfer, now: SystemTime) -> Result<Staged> {
         let state_path = dir.join(STATE);
-        let state = self.fs.create_new(&state_path)?;
-        self.fs.lock(&state, &state_path, self.cfg.lock_timeout)?;
+        let state = self.core.fs.create_new(&state_path)?;
+        self.core
+            .fs
+            .lock(&state, &state_path, self.cfg.lock_timeout)?;
         let mut to_sync = Vec::new();
         let payload_path = dir.join(PAYLOAD);
         let payload = match t.source {
             None => PayloadFacts::None,
             Some(UploadSource::Bytes(bytes)) => {
-                let f = self.fs.create_new(&payload_path)?;
-                self.fs.write_all(&f, &payload_path, &bytes)?;
+                let f = self.core.fs.create_new(&payload_path)?;
+                self.core.fs.write_all(&f, &payload_path, &bytes)?;
                 to_sync.push((f, payload_path));
                 PayloadFacts::Written {
                     len: bytes.len() as u64,
                 }
             }
             Some(UploadSource::File { path, link }) => {
-                let (src, meta) = self.fs.resolve(&path)?;
+                let (src, meta) = self.core.fs.resolve(&path)?;
                 if !meta.is_file() {
                     return Err(Error::invalid(format!(
                         "the upload source {} is not a regular file",
                         path.display()
                     )));
                 }
-                let (placed, f) = self.fs.link_or_copy(
+                let (placed, f) = self.core.fs.link_or_copy(
                     &src,
                     &payload_path,
                     link != LinkMode::Copy,
                     link != LinkMode::HardLink,
                 )?;
-                let (dev, ino, len, mtime_ns) = self.fs.identity(&f, &payload_path)?;
+                let (dev, ino, len, mtime_ns) = self.core.fs.identity(&f, &payload_path)?;
                 // A linked file's data must be durable too before the transfer is: the caller
                 // may have written it moments ago. Syncing does not modify it.
                 to_sync.push((f, payload_path));
@@ -861,11 +1232,11 @@ impl Store {
         let mpath = dir.join(MANIFEST);
         // Cache exactly what a reader will decode (secret values dropped, times in ms).
         let stored = manifest::decode(&mpath, &bytes)?;
-        let mf = self.fs.create_new(&mpath)?;
-        self.fs.write_all(&mf, &mpath, &bytes)?;
+        let mf = self.core.fs.create_new(&mpath)?;
+        self.core.fs.write_all(&mf, &mpath, &bytes)?;
         to_sync.push((mf, mpath));
         let slot = state_fmt::encode_slot(1, &State::new())?;
-        self.fs.write_at(&state, &state_path, 0, &slot)?;
+        self.core.fs.write_at(&state, &state_path, 0, &slot)?;
         let sf = state
             .try_clone()
             .map_err(|e| Error::io("duplicate handle", &state_path, e))?;
@@ -879,111 +1250,12 @@ impl Store {
         })
     }
 
-    /// The manifest of `id`, from the cache or from disk.
-    pub(crate) fn manifest(&self, id: TransferId) -> Result<Arc<Manifest>> {
-        if let Some(m) = lock(&self.manifests).get(&id) {
-            return Ok(Arc::clone(m));
-        }
-        let m = Arc::new(self.load_manifest(id)?);
-        lock(&self.manifests).insert(id, Arc::clone(&m));
-        Ok(m)
-    }
-
-    /// Reads and checks the manifest from disk, bypassing the cache.
-    fn load_manifest(&self, id: TransferId) -> Result<Manifest> {
-        let dir = self.checked_dir(id)?;
-        let path = dir.join(MANIFEST);
-        let bytes = match self.fs.read_bounded(&path, manifest::MAX_FILE) {
-            Err(e) if e.is_not_found_io() => {
-                // Gone with its directory (a concurrent removal) is not corruption.
-                self.checked_dir(id)?;
-                return Err(Error::corrupt(
-                    &path,
-                    Corruption::Truncated {
-                        needed: manifest::HEADER_LEN as u64,
-                        found: 0,
-                    },
-                ));
-            }
-            r => r?,
-        };
-        let m = manifest::decode(&path, &bytes)?;
-        if m.id != id {
-            return Err(Error::corrupt(
-                &path,
-                Corruption::IdMismatch {
-                    expected: id,
-                    found: m.id,
-                },
-            ));
-        }
-        Ok(m)
-    }
-
-    /// Decodes a state file's bytes; when no slot is valid, rebuilds it from the manifest.
-    fn decode_state(
-        &self,
-        id: TransferId,
-        path: &Path,
-        bytes: &[u8],
-    ) -> (State, Option<(usize, u64)>) {
-        let slots = state_fmt::decode_file(bytes);
-        match state_fmt::newest_or_corrupt(path, &slots) {
-            Ok((i, slot)) => {
-                // Slot 1 of a new transfer was never written (the file ends before it); any
-                // other invalid slot is a torn or damaged write that we just read past.
-                let other = 1 - i;
-                let written = bytes.len() > other * state_fmt::SLOT_CAPACITY;
-                if let Some(Err(c)) = slots.slot.get(other)
-                    && written
-                {
-                    tracing::warn!(transfer = %id, slot = other, reason = %c, "state slot fallback: using the other slot");
-                }
-                (slot.state, Some((i, slot.seq)))
-            }
-            Err(_) => {
-                let mut s = State::new();
-                s.rebuilt = true;
-                (s, None)
-            }
-        }
-    }
-
-    /// The transfer's directory, checked to be a real directory (never followed through a
-    /// symlink). A missing directory is `NotFound` and evicts the cached manifest.
-    fn checked_dir(&self, id: TransferId) -> Result<PathBuf> {
-        self.checked_dir_meta(id).map(|(dir, _)| dir)
-    }
-
-    /// [`Store::checked_dir`], with the directory's metadata.
-    fn checked_dir_meta(&self, id: TransferId) -> Result<(PathBuf, crate::fs::Meta)> {
-        let dir = self.transfer_dir(id);
-        match self.fs.lstat(&dir) {
-            Ok(m) if m.is_dir() => Ok((dir, m)),
-            Ok(m) => Err(Error::corrupt(
-                &dir,
-                Corruption::WrongType {
-                    found: if m.is_symlink() {
-                        "symbolic link".into()
-                    } else {
-                        "not a directory".into()
-                    },
-                },
-            )),
-            Err(e) if e.is_not_found_io() => {
-                lock(&self.manifests).remove(&id);
-                Err(Error::not_found(format!("transfer {id}")))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     fn read_state(&self, id: TransferId) -> Result<State> {
         let dir = self.checked_dir(id)?;
         let path = dir.join(STATE);
         let read = || -> Result<Vec<u8>> {
-            match self.fs.open_read(&path) {
-                Ok(f) => self.fs.read_state_slots(&f, &path),
+            match self.core.fs.open_read(&path) {
+                Ok(f) => self.core.fs.read_state_slots(&f, &path),
                 // Missing state: the transfer is being removed (NotFound), or the file was lost
                 // (rebuilt below).
                 Err(e) if e.is_not_found_io() => self.checked_dir(id).map(|_| Vec::new()),
@@ -991,13 +1263,13 @@ impl Store {
             }
         };
         let bytes = read()?;
-        let (state, newest) = self.decode_state(id, &path, &bytes);
+        let (state, newest) = self.core.decode_state(id, &path, &bytes);
         if newest.is_some() || bytes.is_empty() {
             return Ok(state);
         }
         // Both slots invalid: two writes may have overlapped this lock-free read. Read again.
         let bytes = read()?;
-        let (state, newest) = self.decode_state(id, &path, &bytes);
+        let (state, newest) = self.core.decode_state(id, &path, &bytes);
         if newest.is_none() {
             tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
         }
@@ -1010,7 +1282,7 @@ impl Store {
     /// [`ErrorKind::NotFound`], [`ErrorKind::Corrupt`] when the manifest fails its checks (the
     /// state never does: it is rebuilt and flagged), I/O errors.
     pub fn get(&self, id: TransferId) -> Result<Transfer> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         tracing::debug!(transfer = %id, "get");
         let manifest = self.manifest(id)?;
         let state = self.read_state(id)?;
@@ -1030,107 +1302,6 @@ impl Store {
         f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
     ) -> Result<R> {
         self.modify_with(id, op, true, f)
-    }
-
-    /// Opens the transfer's state file and takes its lock, then checks that the directory at
-    /// `transfers/<id>` is still the one the file was opened in: a removal or quarantine in
-    /// another process may have moved it while this one waited. Returns the file, its path,
-    /// the directory, and whether the file was created (its directory then needs a sync).
-    ///
-    /// The check looks at the directory, never at the state file: on Linux 6.13 and later a
-    /// `stat` of a file makes its next write take a fine-grained timestamp, which dirties the
-    /// inode and made every durable update about 1.5× as slow on ext4. Nothing replaces a
-    /// state file inside its directory; removal and quarantine move the whole directory.
-    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
-        for _ in 0..3 {
-            let (dir, before) = self.checked_dir_meta(id)?;
-            let path = dir.join(STATE);
-            let (file, created) = match self.fs.open_rw(&path) {
-                Ok(f) => (f, false),
-                Err(e) if e.is_not_found_io() => self.fs.open_or_create(&path)?,
-                Err(e) => return Err(e),
-            };
-            self.fs.lock(&file, &path, self.cfg.lock_timeout)?;
-            if self.fs.same_entry(&dir, &before)? {
-                return Ok((file, path, dir, created));
-            }
-            // Moved or replaced while we waited: look again (NotFound if it is gone).
-        }
-        Err(ErrorKind::Busy {
-            path: self.transfer_dir(id).join(STATE),
-        }
-        .into())
-    }
-
-    /// [`Store::modify`]; `merge_pending` says whether coalesced progress rides along.
-    pub(crate) fn modify_with<R>(
-        &self,
-        id: TransferId,
-        op: &'static str,
-        merge_pending: bool,
-        f: impl FnOnce(&Manifest, &mut State, &Path) -> Result<(R, bool)>,
-    ) -> Result<R> {
-        self.fs.check()?;
-        let manifest = self.manifest(id)?;
-        let (file, path, dir, created) = self.lock_state(id)?;
-        let bytes = self.fs.read_state_slots(&file, &path)?;
-        let (mut state, newest) = self.decode_state(id, &path, &bytes);
-        if newest.is_none() {
-            tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
-        }
-        let pending = if merge_pending {
-            lock(&self.pending).get(&id).copied().filter(|p| p.dirty)
-        } else {
-            None
-        };
-        let mut changed = false;
-        if let Some(p) = pending
-            && !state.phase.is_terminal()
-            && (p.done, p.total) != (state.bytes_done, state.bytes_total)
-        {
-            state.bytes_done = p.done;
-            state.bytes_total = p.total.or(state.bytes_total);
-            changed = true;
-        }
-        let (answer, f_changed) = f(&manifest, &mut state, &dir)?;
-        if changed || f_changed {
-            let (slot, seq) = match newest {
-                Some((i, seq)) => (
-                    1 - i,
-                    seq.checked_add(1).ok_or_else(|| {
-                        Error::corrupt(
-                            &path,
-                            Corruption::Length {
-                                slot: Some(i as u8),
-                                found: seq,
-                                max: u64::MAX - 1,
-                            },
-                        )
-                    })?,
-                ),
-                None => (0, 1),
-            };
-            let enc = state_fmt::encode_slot(seq, &state)?;
-            self.fs
-                .write_at(&file, &path, (slot * state_fmt::SLOT_CAPACITY) as u64, &enc)?;
-            self.fs.sync_data(&file, &path)?;
-            if created {
-                self.fs.sync_dir(&dir)?;
-            }
-            tracing::debug!(transfer = %id, op, phase = %state.phase, seq, "state written");
-        } else {
-            tracing::debug!(transfer = %id, op, "no change");
-        }
-        if let Some(p) = pending {
-            let mut g = lock(&self.pending);
-            if let Some(cur) = g.get_mut(&id)
-                && (cur.done, cur.total) == (p.done, p.total)
-            {
-                cur.dirty = false;
-                cur.last_flush = Instant::now();
-            }
-        }
-        Ok(answer)
     }
 
     /// Binds a platform task to the transfer. Durable before it returns, so call it before
@@ -1199,13 +1370,13 @@ impl Store {
                 Ok(((), true))
             }),
             crate::Durability::Coalesced => {
-                self.fs.check()?;
+                self.core.fs.check()?;
                 let due = {
-                    let mut g = lock(&self.pending);
+                    let mut g = lock(&self.core.pending);
                     if !g.contains_key(&id) {
                         drop(g);
                         self.manifest(id)?;
-                        g = lock(&self.pending);
+                        g = lock(&self.core.pending);
                     }
                     let p = g.entry(id).or_insert(PendingProgress {
                         done,
@@ -1216,22 +1387,25 @@ impl Store {
                     p.done = done;
                     p.total = total;
                     p.dirty = true;
-                    p.last_flush.elapsed() >= self.cfg.flush_interval
+                    self.core.claim_if_due(p)
                 };
                 if due {
-                    self.modify(id, "flush progress", |_, _, _| Ok(((), false)))?;
+                    self.core.flush_one(id)?;
+                } else if self.cfg.background_flush {
+                    self.flusher
+                        .get_or_init(|| Flusher::start(Arc::clone(&self.core)));
                 }
                 Ok(())
             }
         }
     }
 
-    /// Writes every coalesced progress report not yet written.
+    /// Writes every coalesced progress report not yet written, now.
     ///
     /// # Errors
     /// The first I/O error met; the other transfers are still flushed.
     pub fn flush(&self) -> Result<()> {
-        let mut dirty: Vec<TransferId> = lock(&self.pending)
+        let mut dirty: Vec<TransferId> = lock(&self.core.pending)
             .iter()
             .filter(|(_, p)| p.dirty)
             .map(|(id, _)| *id)
@@ -1240,14 +1414,8 @@ impl Store {
         dirty.sort_unstable();
         let mut first = None;
         for id in dirty {
-            match self.modify(id, "flush progress", |_, _, _| Ok(((), false))) {
-                Ok(()) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
-                    lock(&self.pending).remove(&id);
-                }
-                Err(e) => {
-                    first.get_or_insert(e);
-                }
+            if let Err(e) = self.core.flush_one(id) {
+                first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)
@@ -1390,8 +1558,8 @@ impl Store {
         task: TaskBinding,
         request: Option<Request>,
     ) -> Result<()> {
-        self.fs.check()?;
-        self.load_manifest(id)?;
+        self.core.fs.check()?;
+        self.core.load_manifest(id)?;
         if let Some(r) = &request {
             check_request(r)?;
         }
@@ -1511,7 +1679,7 @@ impl Store {
         })?;
         self.forget(id);
         let trashed = self.dir(TRASH).join(id.to_string());
-        if let Err(e) = self.fs.remove_tree(&trashed) {
+        if let Err(e) = self.core.fs.remove_tree(&trashed) {
             // The removal is already durable; `open` finishes clearing the trash.
             tracing::warn!(transfer = %id, error = %e, "left a removed transfer in trash");
         }
@@ -1523,13 +1691,13 @@ impl Store {
     fn move_to_trash(&self, id: TransferId) -> Result<()> {
         let from = self.transfer_dir(id);
         let to = self.dir(TRASH).join(id.to_string());
-        self.fs.rename(&from, &to)?;
-        self.fs.sync_dir(&self.dir(TRANSFERS))
+        self.core.fs.rename(&from, &to)?;
+        self.core.fs.sync_dir(&self.dir(TRANSFERS))
     }
 
     fn forget(&self, id: TransferId) {
-        lock(&self.manifests).remove(&id);
-        lock(&self.pending).remove(&id);
+        lock(&self.core.manifests).remove(&id);
+        lock(&self.core.pending).remove(&id);
         let mut idx = lock(&self.index);
         idx.by_task.retain(|_, v| *v != id);
         idx.by_tag.retain(|_, v| *v != id);
@@ -1541,7 +1709,7 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`]; I/O errors.
     pub fn quarantine(&self, id: TransferId) -> Result<PathBuf> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let from = self.checked_dir(id).or_else(|e| match e.kind() {
             // A symlink in place of the directory is moved aside as it is.
             ErrorKind::Corrupt { .. } => Ok(self.transfer_dir(id)),
@@ -1562,9 +1730,9 @@ impl Store {
             Err(_) => None,
         };
         let to = self.dir(QUARANTINE).join(id.to_string());
-        self.fs.rename(&from, &to)?;
-        self.fs.sync_dir(&self.dir(QUARANTINE))?;
-        self.fs.sync_dir(&self.dir(TRANSFERS))?;
+        self.core.fs.rename(&from, &to)?;
+        self.core.fs.sync_dir(&self.dir(QUARANTINE))?;
+        self.core.fs.sync_dir(&self.dir(TRANSFERS))?;
         self.forget(id);
         tracing::warn!(transfer = %id, to = %to.display(), "quarantined");
         Ok(to)
@@ -1577,11 +1745,11 @@ impl Store {
     /// I/O errors other than a damaged record (those are listed in [`Scan::corrupt`]);
     /// [`ErrorKind::Unavailable`] while the files cannot be read.
     pub fn scan(&self) -> Result<Scan> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let dir = self.dir(TRANSFERS);
         let mut out = Scan::default();
         tracing::debug!("scan");
-        for e in self.fs.list(&dir)? {
+        for e in self.core.fs.list(&dir)? {
             let id = e.name.to_str().and_then(TransferId::parse_canonical);
             let Some(id) = id.filter(|_| e.is_dir && !e.is_symlink) else {
                 out.unknown.push(dir.join(&e.name));
@@ -1657,7 +1825,7 @@ impl Store {
         key: impl Fn(&TaskIndex) -> Option<TransferId>,
         accept: impl Fn(&Transfer) -> bool,
     ) -> Result<Option<Transfer>> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let hit = key(&lock(&self.index));
         if let Some(id) = hit {
             match self.get(id) {
@@ -1720,19 +1888,19 @@ impl Store {
                 )));
             }
             let path = dir.join(PARTIAL);
-            let (f, created) = self.fs.open_or_create(&path)?;
-            let have = self.fs.len(&f, &path)?;
+            let (f, created) = self.core.fs.open_or_create(&path)?;
+            let have = self.core.fs.len(&f, &path)?;
             if have < s.partial_len {
                 // Received bytes were lost outside our control; never pad with zeros. Resume
                 // from what is really there.
                 tracing::warn!(transfer = %id, recorded = s.partial_len, found = have, "partial file shorter than recorded; resuming from its length");
                 s.partial_len = have;
             }
-            self.fs.set_len(&f, &path, s.partial_len)?;
-            self.fs.write_at(&f, &path, s.partial_len, bytes)?;
-            self.fs.sync_data(&f, &path)?;
+            self.core.fs.set_len(&f, &path, s.partial_len)?;
+            self.core.fs.write_at(&f, &path, s.partial_len, bytes)?;
+            self.core.fs.sync_data(&f, &path)?;
             if created {
-                self.fs.sync_dir(dir)?;
+                self.core.fs.sync_dir(dir)?;
             }
             s.partial_len = s.partial_len.saturating_add(bytes.len() as u64);
             s.bytes_done = s.partial_len;
@@ -1756,11 +1924,11 @@ impl Store {
                 return Err(Error::invalid(format!("transfer {id} is not a download")));
             }
             let tmp = dir.join("resume.tmp");
-            let f = self.fs.create_truncate(&tmp)?;
-            self.fs.write_all(&f, &tmp, data)?;
-            self.fs.sync_data(&f, &tmp)?;
-            self.fs.rename(&tmp, &dir.join(RESUME))?;
-            self.fs.sync_dir(dir)?;
+            let f = self.core.fs.create_truncate(&tmp)?;
+            self.core.fs.write_all(&f, &tmp, data)?;
+            self.core.fs.sync_data(&f, &tmp)?;
+            self.core.fs.rename(&tmp, &dir.join(RESUME))?;
+            self.core.fs.sync_dir(dir)?;
             Ok(((), false))
         })
     }
@@ -1770,10 +1938,10 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown transfer; I/O errors.
     pub fn resume_data(&self, id: TransferId) -> Result<Option<Vec<u8>>> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         self.manifest(id)?;
         let path = self.checked_dir(id)?.join(RESUME);
-        match self.fs.read_bounded(&path, MAX_RESUME_BYTES) {
+        match self.core.fs.read_bounded(&path, MAX_RESUME_BYTES) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.is_not_found_io() => Ok(None),
             Err(e) => Err(e),
@@ -1787,7 +1955,7 @@ impl Store {
     /// [`ErrorKind::InvalidArgument`] for an upload, a cancelled transfer or a source that is
     /// not a regular file; I/O errors.
     pub fn accept_download(&self, id: TransferId, file: &Path) -> Result<()> {
-        let meta = self.fs.lstat(file)?;
+        let meta = self.core.fs.lstat(file)?;
         if !meta.is_file() {
             return Err(Error::invalid(format!(
                 "{} is not a regular file",
@@ -1803,25 +1971,25 @@ impl Store {
             let dst = dir.join(PAYLOAD);
             // The data is durable before the file is reachable as `payload`, and the source is
             // removed only after the new name is durable.
-            let src = self.fs.open_read(file)?;
-            self.fs.sync_data(&src, file)?;
-            let moved = match self.fs.rename(file, &dst) {
+            let src = self.core.fs.open_read(file)?;
+            self.core.fs.sync_data(&src, file)?;
+            let moved = match self.core.fs.rename(file, &dst) {
                 Ok(()) => true,
                 Err(e) if wfs::is_cross_device(&e) => {
                     let tmp = dir.join("payload.tmp");
-                    self.fs.remove_file(&tmp)?;
-                    let (_, f) = self.fs.link_or_copy(file, &tmp, false, true)?;
-                    self.fs.sync_data(&f, &tmp)?;
-                    self.fs.rename(&tmp, &dst)?;
+                    self.core.fs.remove_file(&tmp)?;
+                    let (_, f) = self.core.fs.link_or_copy(file, &tmp, false, true)?;
+                    self.core.fs.sync_data(&f, &tmp)?;
+                    self.core.fs.rename(&tmp, &dst)?;
                     false
                 }
                 Err(e) => return Err(e),
             };
-            self.fs.sync_dir(dir)?;
+            self.core.fs.sync_dir(dir)?;
             if !moved {
-                self.fs.remove_file(file)?;
+                self.core.fs.remove_file(file)?;
             }
-            let len = self.fs.lstat(&dst)?.len();
+            let len = self.core.fs.lstat(&dst)?.len();
             s.downloaded = true;
             s.bytes_done = len;
             s.bytes_total = Some(len);
@@ -1830,7 +1998,7 @@ impl Store {
         // Only now that the state says "downloaded" are the partial bytes and resume data moot.
         let dir = self.transfer_dir(id);
         for leftover in [PARTIAL, RESUME] {
-            if let Err(e) = self.fs.remove_file(&dir.join(leftover)) {
+            if let Err(e) = self.core.fs.remove_file(&dir.join(leftover)) {
                 tracing::warn!(transfer = %id, error = %e, "left a moot download file behind");
             }
         }
@@ -1839,7 +2007,7 @@ impl Store {
 
     /// Whether resume data is stored for a download.
     pub(crate) fn has_resume_data(&self, id: TransferId) -> Result<bool> {
-        match self.fs.lstat(&self.transfer_dir(id).join(RESUME)) {
+        match self.core.fs.lstat(&self.transfer_dir(id).join(RESUME)) {
             Ok(m) => Ok(m.is_file()),
             Err(e) if e.is_not_found_io() => Ok(false),
             Err(e) => Err(e),
@@ -1867,16 +2035,16 @@ impl Store {
 
     /// [`Store::open_payload`] behind the file system seam.
     pub(crate) fn checked_payload(&self, id: TransferId) -> Result<Handle> {
-        self.fs.check()?;
+        self.core.fs.check()?;
         let m = self.manifest(id)?;
         let path = self.checked_dir(id)?.join(PAYLOAD);
-        let f = match self.fs.open_read(&path) {
+        let f = match self.core.fs.open_read(&path) {
             Err(e) if e.is_not_found_io() => {
                 return Err(Error::not_found(format!("the payload of transfer {id}")));
             }
             r => r?,
         };
-        let (dev, ino, len, mtime_ns) = self.fs.identity(&f, &path)?;
+        let (dev, ino, len, mtime_ns) = self.core.fs.identity(&f, &path)?;
         let changed = |detail: String| -> Result<Handle> {
             Err(ErrorKind::PayloadChanged { id, detail }.into())
         };
@@ -1907,6 +2075,9 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if let Some(f) = self.flusher.take().flatten() {
+            f.stop();
+        }
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "coalesced progress not flushed at close");
         }
@@ -1921,6 +2092,75 @@ mod tests {
     fn store_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Store>();
+    }
+
+    /// The real file system, counting data syncs.
+    #[derive(Debug, Default)]
+    struct CountingSyncs(std::sync::atomic::AtomicU64);
+
+    impl crate::fs::Backend for CountingSyncs {
+        fn sync_data(&self, f: &Handle) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            crate::fs::Real.sync_data(f)
+        }
+    }
+
+    /// The guarantee `StoreBuilder::flush_interval` documents: a transfer's coalesced progress
+    /// is synced at most once per interval however often it is reported, and every report is
+    /// durable within one interval without any further call.
+    #[test]
+    fn coalesced_progress_is_synced_at_most_once_per_interval_and_within_one() -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
+        let counter = Arc::new(CountingSyncs::default());
+        let interval = Duration::from_millis(100);
+        let store = Store::builder()
+            .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .flush_interval(interval)
+            .open(dir.path())?;
+        let ids = store.create_batch(
+            (0..3)
+                .map(|i| NewTransfer::download(format!("https://example.com/{i}")))
+                .collect(),
+        )?;
+        let before = counter.0.load(SeqCst);
+        let run = Duration::from_millis(1000);
+        let start = Instant::now();
+        let mut reports = 0u64;
+        while start.elapsed() < run {
+            for id in &ids {
+                reports += 1;
+                store.progress(*id, reports, Some(u64::MAX), crate::Durability::Coalesced)?;
+            }
+        }
+        let elapsed = start.elapsed();
+        let syncs = counter.0.load(SeqCst) - before;
+        // One sync per transfer per whole interval that passed, plus one for a partial interval.
+        let bound = ids.len() as u64 * (elapsed.as_millis() / interval.as_millis() + 1) as u64;
+        assert!(
+            syncs <= bound,
+            "{syncs} syncs for {reports} reports in {elapsed:?} (bound {bound})"
+        );
+        assert!(
+            syncs >= ids.len() as u64,
+            "progress was written during the run"
+        );
+        // Nothing more is reported; the last reports become durable within an interval (the
+        // wait allows for a slow machine), without flush() or drop.
+        let last: Vec<u64> = ids
+            .iter()
+            .map(|id| lock(&store.core.pending).get(id).map_or(0, |p| p.done))
+            .collect();
+        std::thread::sleep(interval * 5);
+        let other = Store::builder().background_flush(false).open(dir.path())?;
+        for (id, want) in ids.iter().zip(&last) {
+            assert_eq!(other.get(*id)?.state.bytes_done, *want);
+        }
+        assert!(
+            counter.0.load(SeqCst) - before - syncs <= ids.len() as u64,
+            "one write per transfer after the run"
+        );
+        Ok(())
     }
 
     #[test]
