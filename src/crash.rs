@@ -56,6 +56,8 @@ fn open(sim: &Arc<Sim>) -> crate::Result<Store> {
         .staging_grace(Duration::ZERO)
         .flush_interval(Duration::from_secs(3600))
         .background_flush(false)
+        // Batches of 3 sync with one file-system sync; batches of 2 file by file.
+        .shared_sync_min(3)
         .lock_timeout(Duration::from_millis(10))
         .open(ROOT)
 }

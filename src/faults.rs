@@ -149,6 +149,9 @@ impl Backend for Faulty {
     fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_dir", Call::Sync, Real.sync_dir(dir))
     }
+    fn sync_fs(&self, dir: &Handle) -> io::Result<bool> {
+        faulty!(self, "sync_fs", Call::Sync, Real.sync_fs(dir))
+    }
     fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {
         faulty!(
             self,

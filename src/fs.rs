@@ -284,6 +284,22 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         f.real()?.sync_data()
     }
 
+    /// Syncs the whole file system holding `dir` (Linux `syncfs`): every file and directory
+    /// entry written so far becomes durable. Returns false where that is not available (the
+    /// caller then syncs file by file).
+    fn sync_fs(&self, dir: &Handle) -> io::Result<bool> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            rustix::fs::syncfs(dir.real()?)?;
+            Ok(true)
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            let _ = dir;
+            Ok(false)
+        }
+    }
+
     /// Opens a directory to sync it.
     fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
         File::open(dir).map(Handle::Real)
@@ -445,6 +461,21 @@ impl Fs {
             .map_err(|e| Error::io("open directory", dir, e))?;
         self.b.sync_dir(&d).map_err(|e| {
             let err = Error::io("sync directory", dir, e);
+            self.poison(&err);
+            err
+        })
+    }
+
+    /// Syncs the whole file system holding `dir`, if the platform can; false if it cannot.
+    /// Poisons on failure, like any failed sync. (Linux reports write-back errors from
+    /// `syncfs` since 5.8; older kernels return success regardless.)
+    pub(crate) fn sync_fs(&self, dir: &Path) -> Result<bool> {
+        let d = self
+            .b
+            .open_dir(dir)
+            .map_err(|e| Error::io("open directory", dir, e))?;
+        self.b.sync_fs(&d).map_err(|e| {
+            let err = Error::io("sync file system", dir, e);
             self.poison(&err);
             err
         })

@@ -876,6 +876,16 @@ impl Backend for Sim {
         Ok(())
     }
 
+    fn sync_fs(&self, dir: &Handle) -> io::Result<bool> {
+        self.st().fault("sync_fs")?;
+        sim(dir)?;
+        let mut st = self.st();
+        st.boundary("sync_fs");
+        let marked = vec![true; st.pending.len()];
+        st.flush(marked);
+        Ok(true)
+    }
+
     fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
         self.st().fault("open_dir")?;
         let st = self.st();
