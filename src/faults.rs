@@ -149,7 +149,10 @@ impl Backend for Faulty {
     fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_dir", Call::Sync, Real.sync_dir(dir))
     }
-    fn sync_fs(&self, dir: &Handle) -> io::Result<bool> {
+    fn can_sync_fs(&self) -> bool {
+        Real.can_sync_fs()
+    }
+    fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_fs", Call::Sync, Real.sync_fs(dir))
     }
     fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {

@@ -284,19 +284,23 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         f.real()?.sync_data()
     }
 
+    /// Whether [`Backend::sync_fs`] is available.
+    fn can_sync_fs(&self) -> bool {
+        cfg!(any(target_os = "linux", target_os = "android"))
+    }
+
     /// Syncs the whole file system holding `dir` (Linux `syncfs`): every file and directory
-    /// entry written so far becomes durable. Returns false where that is not available (the
-    /// caller then syncs file by file).
-    fn sync_fs(&self, dir: &Handle) -> io::Result<bool> {
+    /// entry written so far becomes durable.
+    fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
             rustix::fs::syncfs(dir.real()?)?;
-            Ok(true)
+            Ok(())
         }
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         {
             let _ = dir;
-            Ok(false)
+            Err(io::Error::from(io::ErrorKind::Unsupported))
         }
     }
 
@@ -466,10 +470,15 @@ impl Fs {
         })
     }
 
-    /// Syncs the whole file system holding `dir`, if the platform can; false if it cannot.
-    /// Poisons on failure, like any failed sync. (Linux reports write-back errors from
-    /// `syncfs` since 5.8; older kernels return success regardless.)
-    pub(crate) fn sync_fs(&self, dir: &Path) -> Result<bool> {
+    /// Whether [`Fs::sync_fs`] is available here.
+    pub(crate) fn can_sync_fs(&self) -> bool {
+        self.b.can_sync_fs()
+    }
+
+    /// Syncs the whole file system holding `dir`. Poisons on failure, like any failed sync.
+    /// (Linux reports write-back errors from `syncfs` since 5.8; older kernels return success
+    /// regardless.)
+    pub(crate) fn sync_fs(&self, dir: &Path) -> Result<()> {
         let d = self
             .b
             .open_dir(dir)

@@ -876,14 +876,18 @@ impl Backend for Sim {
         Ok(())
     }
 
-    fn sync_fs(&self, dir: &Handle) -> io::Result<bool> {
+    fn can_sync_fs(&self) -> bool {
+        true
+    }
+
+    fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
         self.st().fault("sync_fs")?;
         sim(dir)?;
         let mut st = self.st();
         st.boundary("sync_fs");
         let marked = vec![true; st.pending.len()];
         st.flush(marked);
-        Ok(true)
+        Ok(())
     }
 
     fn open_dir(&self, dir: &Path) -> io::Result<Handle> {

@@ -1095,26 +1095,40 @@ impl Store {
             Self::validate(t)?;
         }
         let now = self.now();
-        let mut staged = Vec::with_capacity(items.len());
-        let built = self.stage_all(items, now, &mut staged);
-        if let Err(e) = built {
-            for s in &staged {
-                let _ = self.core.fs.remove_tree(&s.dir);
-            }
-            return Err(e);
-        }
+        let shared = items.len() >= self.cfg.shared_sync_min && self.core.fs.can_sync_fs();
+        // Built and renamed in parts, so a batch of any size holds a bounded number of open
+        // files (iOS allows 256 by default): a part keeps each member's locked state file
+        // open, and, when syncing file by file, up to three more files per member.
+        let part_len = if shared { 64 } else { 16 };
         let transfers = self.dir(TRANSFERS);
-        let mut moved: Vec<TransferId> = Vec::with_capacity(staged.len());
-        for s in &staged {
-            let to = transfers.join(s.id.to_string());
-            if let Err(e) = self.core.fs.rename(&s.dir, &to) {
-                self.roll_back(&moved);
+        let mut moved: Vec<TransferId> = Vec::with_capacity(items.len());
+        let mut manifests = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let part: Vec<NewTransfer> = items.by_ref().take(part_len).collect();
+            let mut staged = Vec::with_capacity(part.len());
+            if let Err(e) = self.stage_all(part, now, shared, &mut staged) {
                 for s in &staged {
                     let _ = self.core.fs.remove_tree(&s.dir);
                 }
+                self.roll_back(&moved);
                 return Err(e);
             }
-            moved.push(s.id);
+            for (i, s) in staged.iter().enumerate() {
+                let to = transfers.join(s.id.to_string());
+                if let Err(e) = self.core.fs.rename(&s.dir, &to) {
+                    self.roll_back(&moved);
+                    for s in staged.iter().skip(i) {
+                        let _ = self.core.fs.remove_tree(&s.dir);
+                    }
+                    return Err(e);
+                }
+                moved.push(s.id);
+            }
+            for s in staged {
+                manifests.push((s.id, s.manifest));
+                drop(s.state);
+            }
         }
         if let Err(e) = self.core.fs.sync_dir(&transfers) {
             // Not acknowledged: take the batch back out so an `Err` leaves nothing visible.
@@ -1122,10 +1136,9 @@ impl Store {
             return Err(e);
         }
         let mut cache = lock(&self.core.manifests);
-        for s in staged {
-            tracing::debug!(transfer = %s.id, kind = %s.manifest.kind, "created");
-            cache.insert(s.id, Arc::new(s.manifest));
-            drop(s.state);
+        for (id, m) in manifests {
+            tracing::debug!(transfer = %id, kind = %m.kind, "created");
+            cache.insert(id, Arc::new(m));
         }
         Ok(moved)
     }
@@ -1164,10 +1177,14 @@ impl Store {
         }
     }
 
+    /// Builds each item in `staging/` and makes it durable: file by file, or, when `shared`,
+    /// with one sync of the whole file system (the files are then closed as soon as they are
+    /// written; each member's locked state file stays open until it is renamed).
     fn stage_all(
         &self,
         items: Vec<NewTransfer>,
         now: SystemTime,
+        shared: bool,
         staged: &mut Vec<Staged>,
     ) -> Result<()> {
         for t in items {
@@ -1175,19 +1192,22 @@ impl Store {
             let dir = self.dir(STAGING).join(id.to_string());
             self.core.fs.create_dir(&dir)?;
             match self.build(id, &dir, t, now) {
-                Ok(s) => staged.push(s),
+                Ok(mut s) => {
+                    if shared {
+                        s.to_sync.clear();
+                    }
+                    staged.push(s);
+                }
                 Err(e) => {
                     let _ = self.core.fs.remove_tree(&dir);
                     return Err(e);
                 }
             }
         }
-        // A large batch makes everything it staged durable with one file-system sync; a small
-        // one (or a platform without `syncfs`) syncs each file and directory. One sync of the
-        // whole file system also writes out other dirty data on it, so small batches and
-        // single creates, which are often made beside a large download, do not use it.
-        if staged.len() >= self.cfg.shared_sync_min && self.core.fs.sync_fs(&self.dir(STAGING))? {
-            return Ok(());
+        // One sync of the whole file system also writes out other dirty data on it, so small
+        // batches and single creates, often made beside a large download, sync file by file.
+        if shared {
+            return self.core.fs.sync_fs(&self.dir(STAGING));
         }
         for s in staged.iter() {
             for (f, p) in &s.to_sync {
@@ -2148,7 +2168,7 @@ mod tests {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             crate::fs::Real.sync_dir(f)
         }
-        fn sync_fs(&self, f: &Handle) -> std::io::Result<bool> {
+        fn sync_fs(&self, f: &Handle) -> std::io::Result<()> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             crate::fs::Real.sync_fs(f)
         }
