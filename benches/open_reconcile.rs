@@ -17,7 +17,8 @@
 //!
 //! Environment: `WAYBILL_SIZES` (default `1000,10000,100000`), `WAYBILL_RUNS` (3),
 //! `WAYBILL_BENCH_DIR` (scratch directory; default the system temporary directory),
-//! `WAYBILL_SVG` (write the plot of warm and cold times against N to this path).
+//! `WAYBILL_SVG` (write the plot of warm and cold times against N to this path),
+//! `WAYBILL_RSS_ONLY` (build each store and measure only resident memory per record).
 
 #![allow(
     clippy::unwrap_used,
@@ -39,6 +40,7 @@ use waybill::{NewTransfer, Sessions, Store, Task};
 const TABLE: redb::TableDefinition<&[u8; 16], &[u8]> = redb::TableDefinition::new("transfers");
 const CHILD: &str = "WAYBILL_BENCH_REDB_CRASH_CHILD";
 const CHANGED: usize = 1000;
+const RSS_CHILD: &str = "WAYBILL_BENCH_RSS_CHILD";
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -280,6 +282,26 @@ type Reader<'a> = (&'static str, &'a dyn Fn(&Data) -> usize);
 type Figures = BTreeMap<(&'static str, &'static str), Vec<(usize, Duration)>>;
 
 fn main() {
+    if let Some(p) = std::env::var_os(RSS_CHILD) {
+        // Opens the store, plans against no tasks, reports RSS growth with the plan held and
+        // after dropping it.
+        let before = rss_bytes();
+        let store = Store::open(Path::new(&p)).unwrap();
+        let plan = store
+            .reconcile(&Sessions::All, &[], SystemTime::now())
+            .unwrap();
+        let held = rss_bytes();
+        assert!(!plan.actions.is_empty());
+        drop(plan);
+        let after = rss_bytes();
+        println!(
+            "{} {}",
+            held.saturating_sub(before),
+            after.saturating_sub(before)
+        );
+        drop(store);
+        return;
+    }
     if let Some(p) = std::env::var_os(CHILD) {
         crash_child(
             Path::new(&p),
@@ -308,7 +330,8 @@ fn main() {
             }),
             ("directory scan", &dir_scan),
         ];
-        for (name, f) in contenders {
+        let rss_only = std::env::var_os("WAYBILL_RSS_ONLY").is_some();
+        for (name, f) in contenders.into_iter().filter(|_| !rss_only) {
             // One untimed run first so "warm" means warm.
             let _ = f(&d);
             let warm = median_of(runs, false, || timed(|| f(&d), n));
@@ -323,7 +346,10 @@ fn main() {
         for (name, quick) in [
             ("redb after kill, repair", false),
             ("redb after kill, quick-repair", true),
-        ] {
+        ]
+        .into_iter()
+        .filter(|_| !rss_only)
+        {
             let path = d.root.join("crashed.redb");
             let mut commit = Vec::new();
             let mut one = |cold: bool| {
@@ -354,6 +380,10 @@ fn main() {
                 common::median(&mut commit)
             );
         }
+        if rss_only {
+            rss_per_record(&d, n);
+            continue;
+        }
         let sqlite_warm = rows[1].1.unwrap();
         let sqlite_cold = rows[1].2;
         println!(
@@ -379,25 +409,37 @@ fn main() {
                 figures.entry((name, "cold")).or_default().push((n, *c));
             }
         }
-        // Resident memory per record: a store open with N records, after a reconcile.
-        let before = rss_bytes();
-        let store = Store::open(&d.store).unwrap();
-        let plan = store
-            .reconcile(&Sessions::All, &d.tasks, SystemTime::now())
-            .unwrap();
-        let with_plan = rss_bytes();
-        drop(plan);
-        let held = rss_bytes();
-        println!(
-            "  resident memory per record: {:.0} B with the store open after a reconcile ({:.0} B while the plan is held; goal <= 300 B)",
-            held.saturating_sub(before) as f64 / n as f64,
-            with_plan.saturating_sub(before) as f64 / n as f64
-        );
-        drop(store);
+        rss_per_record(&d, n);
     }
     if let Ok(path) = std::env::var("WAYBILL_SVG") {
         std::fs::write(&path, svg(&figures)).unwrap();
         println!("\nplot written to {path}");
+    }
+}
+
+/// Resident memory per record, measured in a fresh process (this one has touched memory for
+/// the runs above, which the allocator reuses).
+fn rss_per_record(d: &Data, n: usize) {
+    {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .env(RSS_CHILD, &d.store)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let nums: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        println!(
+            "  resident memory per record: {:.0} B with the store open after a reconcile, {:.0} B while the plan (N recreate actions) is held (goal <= 300 B)",
+            nums[1] / n as f64,
+            nums[0] / n as f64
+        );
     }
 }
 
