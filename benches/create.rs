@@ -63,15 +63,7 @@ fn sqlite(path: &Path) -> rusqlite::Connection {
 }
 
 fn floor_syncs(dir: &Path, n: usize) -> impl FnMut() {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join("raw"))
-        .unwrap();
-    f.write_all_at(&[0u8; 4096], 0).unwrap();
-    f.sync_all().unwrap();
+    let f = common::floor_file(dir);
     let mut k = 0u64;
     move || {
         for _ in 0..n {

@@ -24,7 +24,7 @@ fn seq(store: &Path, id: TransferId) -> u64 {
     [0usize, 16 * 1024]
         .iter()
         .filter(|&&at| b.get(at..at + 4) == Some(b"WBST"))
-        .map(|&at| u64::from_le_bytes(b[at + 8..at + 16].try_into().unwrap()))
+        .filter_map(|&at| Some(u64::from_le_bytes(b.get(at + 8..at + 16)?.try_into().ok()?)))
         .max()
         .unwrap()
 }

@@ -42,16 +42,10 @@ struct Floor {
 
 impl Floor {
     fn new(dir: &Path) -> Floor {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("raw"))
-            .unwrap();
-        file.write_all_at(&[0u8; 4096], 0).unwrap();
-        file.sync_all().unwrap();
-        Floor { file, n: 0 }
+        Floor {
+            file: common::floor_file(dir),
+            n: 0,
+        }
     }
 
     fn op(&mut self) {

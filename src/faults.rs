@@ -149,8 +149,8 @@ impl Backend for Faulty {
     fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_dir", Call::Sync, Real.sync_dir(dir))
     }
-    fn can_sync_fs(&self) -> bool {
-        Real.can_sync_fs()
+    fn can_sync_fs(&self, dir: &Handle) -> bool {
+        Real.can_sync_fs(dir)
     }
     fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_fs", Call::Sync, Real.sync_fs(dir))

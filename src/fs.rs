@@ -284,9 +284,25 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         f.real()?.sync_data()
     }
 
-    /// Whether [`Backend::sync_fs`] is available.
-    fn can_sync_fs(&self) -> bool {
-        cfg!(any(target_os = "linux", target_os = "android"))
+    /// Whether [`Backend::sync_fs`] makes everything written on `dir`'s file system durable
+    /// and reports write-back errors: Linux 5.8 or later (earlier kernels' `syncfs` returns
+    /// success regardless), on ext4, xfs, btrfs or f2fs (FUSE and network file systems may
+    /// not pass it on), or tmpfs (where nothing is durable anyway).
+    fn can_sync_fs(&self, dir: &Handle) -> bool {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            const KNOWN: [i128; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
+            let Ok(f) = dir.real() else {
+                return false;
+            };
+            kernel_at_least(5, 8)
+                && rustix::fs::fstatfs(f).is_ok_and(|st| KNOWN.contains(&i128::from(st.f_type)))
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            let _ = dir;
+            false
+        }
     }
 
     /// Syncs the whole file system holding `dir` (Linux `syncfs`): every file and directory
@@ -470,21 +486,24 @@ impl Fs {
         })
     }
 
-    /// Whether [`Fs::sync_fs`] is available here.
-    pub(crate) fn can_sync_fs(&self) -> bool {
-        self.b.can_sync_fs()
+    /// Opens a directory (to sync it, or the file system under it).
+    pub(crate) fn open_dir(&self, dir: &Path) -> Result<Handle> {
+        self.b
+            .open_dir(dir)
+            .map_err(|e| Error::io("open directory", dir, e))
     }
 
-    /// Syncs the whole file system holding `dir`. Poisons on failure, like any failed sync.
-    /// (Linux reports write-back errors from `syncfs` since 5.8; older kernels return success
-    /// regardless.)
-    pub(crate) fn sync_fs(&self, dir: &Path) -> Result<()> {
-        let d = self
-            .b
-            .open_dir(dir)
-            .map_err(|e| Error::io("open directory", dir, e))?;
-        self.b.sync_fs(&d).map_err(|e| {
-            let err = Error::io("sync file system", dir, e);
+    /// Whether [`Fs::sync_fs`] can be relied on for the file system under `dir`.
+    pub(crate) fn can_sync_fs(&self, dir: &Handle) -> bool {
+        self.b.can_sync_fs(dir)
+    }
+
+    /// Syncs the whole file system under the open directory `dir` (named `path`). Poisons on
+    /// failure, like any failed sync. Open `dir` before writing what must become durable: the
+    /// kernel reports write-back errors that happened after the handle was opened.
+    pub(crate) fn sync_fs(&self, dir: &Handle, path: &Path) -> Result<()> {
+        self.b.sync_fs(dir).map_err(|e| {
+            let err = Error::io("sync file system", path, e);
             self.poison(&err);
             err
         })
@@ -831,6 +850,21 @@ impl Fs {
     pub(crate) fn try_lock(&self, f: &Handle, path: &Path) -> Result<bool> {
         self.b.try_lock(f).map_err(|e| Error::io("lock", path, e))
     }
+}
+
+/// Whether the running Linux kernel is at least `major.minor` (false if it cannot be told).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    static VERSION: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    let v = VERSION.get_or_init(|| {
+        let u = rustix::system::uname();
+        let release = u.release().to_str().ok()?;
+        let mut parts = release.split(|c: char| !c.is_ascii_digit());
+        let a = parts.next()?.parse().ok()?;
+        let b = parts.next()?.parse().ok()?;
+        Some((a, b))
+    });
+    v.is_some_and(|v| v >= (major, minor))
 }
 
 fn eexist() -> i32 {

@@ -794,21 +794,10 @@ impl Backend for Sim {
     }
 
     fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
-        self.st().fault("read")?;
-        let f = sim(f)?;
-        let st = self.st();
-        let data = match st.live.nodes.get(&f.ino) {
-            Some(Node::File(d)) => d,
-            Some(Node::Dir(_)) => return Err(errno(libc::EISDIR)),
-            None => return Err(errno(libc::EBADF)),
-        };
-        let pos = usize::try_from(f.pos.load(Ordering::SeqCst)).unwrap_or(usize::MAX);
-        let max = usize::try_from(max).unwrap_or(usize::MAX);
-        let got = data.get(pos..).unwrap_or_default();
-        let got = got.get(..max.min(got.len())).unwrap_or_default();
-        buf.extend_from_slice(got);
-        f.pos.fetch_add(got.len() as u64, Ordering::SeqCst);
-        Ok(got.len())
+        let pos = sim(f)?.pos.load(Ordering::SeqCst);
+        let got = self.read_at(f, pos, usize::try_from(max).unwrap_or(usize::MAX), buf)?;
+        sim(f)?.pos.fetch_add(got as u64, Ordering::SeqCst);
+        Ok(got)
     }
 
     fn read_at(&self, f: &Handle, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
@@ -876,7 +865,7 @@ impl Backend for Sim {
         Ok(())
     }
 
-    fn can_sync_fs(&self) -> bool {
+    fn can_sync_fs(&self, _dir: &Handle) -> bool {
         true
     }
 

@@ -92,7 +92,8 @@ impl StoreBuilder {
     /// How often a transfer's coalesced progress is written and synced. Default 1 s.
     ///
     /// The guarantee, for [`Durability::Coalesced`](crate::Durability::Coalesced) reports:
-    /// - a transfer's progress is written and synced **at most once per interval** (lifecycle
+    /// - a transfer's progress is written and synced **at most once per interval** by each store
+    ///   handle (two processes reporting on one transfer each write it once per interval; lifecycle
     ///   changes are never coalesced: they are written at once, and carry the latest progress
     ///   with them);
     /// - a report is durable **within one interval** of being made (plus the time of the write
@@ -1075,8 +1076,10 @@ impl Store {
     /// Creates many transfers in one call, sharing syncs: on Linux and Android a batch of 8 or
     /// more is made durable with one `syncfs` per 64 members and one directory sync, instead of
     /// four syncs per transfer; elsewhere, and for smaller batches, the directory sync is
-    /// shared. A batch of any size holds a bounded number of files open. Each
-    /// transfer is whole or absent after a crash; on `Ok` all of them survive.
+    /// shared. A batch of any size holds a bounded number of files open: it is built and renamed
+    /// in parts (64 members, or 16 when syncing file by file), so members of earlier parts can
+    /// be seen by other readers before the call returns. Each transfer is whole or absent after
+    /// a crash; on `Ok` all of them survive.
     ///
     /// ```
     /// # fn main() -> Result<(), waybill::Error> {
@@ -1091,18 +1094,29 @@ impl Store {
     /// ```
     ///
     /// # Errors
-    /// As [`Store::create`]; on an error, no transfer of the batch is left visible.
+    /// As [`Store::create`]; on an error, no transfer of the batch is left visible. What the
+    /// caller's input can make fail (names, requests, metadata, upload sources, hard links
+    /// across file systems) fails before any part is renamed.
     pub fn create_batch(&self, items: Vec<NewTransfer>) -> Result<Vec<TransferId>> {
         self.core.fs.check()?;
         for t in &items {
             Self::validate(t)?;
         }
         let now = self.now();
-        let shared = items.len() >= self.cfg.shared_sync_min && self.core.fs.can_sync_fs();
+        let staging = self.dir(STAGING);
+        let shared = items.len() >= self.cfg.shared_sync_min
+            && self.core.fs.can_sync_fs(&self.core.fs.open_dir(&staging)?);
         // Built and renamed in parts, so a batch of any size holds a bounded number of open
         // files (iOS allows 256 by default): a part keeps each member's locked state file
         // open, and, when syncing file by file, up to three more files per member.
         let part_len = if shared { SHARED_PART } else { 16 };
+        if items.len() > part_len {
+            // Earlier parts become visible before later ones are built: check up front what
+            // a later build could refuse, so input errors fail the batch before anything shows.
+            for t in &items {
+                self.precheck(t, now)?;
+            }
+        }
         let transfers = self.dir(TRANSFERS);
         let mut moved: Vec<TransferId> = Vec::with_capacity(items.len());
         let mut manifests = Vec::with_capacity(items.len());
@@ -1110,23 +1124,38 @@ impl Store {
         while items.peek().is_some() {
             let part: Vec<NewTransfer> = items.by_ref().take(part_len).collect();
             let mut staged = Vec::with_capacity(part.len());
-            if let Err(e) = self.stage_all(part, now, shared, &mut staged) {
+            // Opened before the part is written, so its `syncfs` reports any write-back error
+            // that happens after this point.
+            let sync_with = if shared {
+                Some(self.core.fs.open_dir(&staging)?)
+            } else {
+                None
+            };
+            if let Err(e) = self.stage_all(part, now, sync_with.as_ref(), &mut staged) {
                 for s in &staged {
                     let _ = self.core.fs.remove_tree(&s.dir);
                 }
                 self.roll_back(&moved);
                 return Err(e);
             }
+            let mut failed = None;
             for (i, s) in staged.iter().enumerate() {
                 let to = transfers.join(s.id.to_string());
                 if let Err(e) = self.core.fs.rename(&s.dir, &to) {
-                    self.roll_back(&moved);
-                    for s in staged.iter().skip(i) {
-                        let _ = self.core.fs.remove_tree(&s.dir);
-                    }
-                    return Err(e);
+                    failed = Some((i, e));
+                    break;
                 }
                 moved.push(s.id);
+            }
+            if let Some((i, e)) = failed {
+                let rest: Vec<PathBuf> = staged.iter().skip(i).map(|s| s.dir.clone()).collect();
+                // Releases this part's locks, so the rollback can take each member's lock.
+                drop(staged);
+                self.roll_back(&moved);
+                for d in rest {
+                    let _ = self.core.fs.remove_tree(&d);
+                }
+                return Err(e);
             }
             for s in staged {
                 manifests.push((s.id, s.manifest));
@@ -1150,7 +1179,13 @@ impl Store {
     /// are logged: the caller already has the error that made the batch fail.
     fn roll_back(&self, moved: &[TransferId]) {
         for id in moved {
-            let r = self.move_to_trash(*id).and_then(|()| {
+            // Under the member's lock, so no update another process has under way is cut off.
+            let r = self.core.lock_state(*id).and_then(|held| {
+                let r = self.move_to_trash(*id);
+                drop(held);
+                r
+            });
+            let r = r.and_then(|()| {
                 self.core
                     .fs
                     .remove_tree(&self.dir(TRASH).join(id.to_string()))
@@ -1159,6 +1194,57 @@ impl Store {
                 tracing::error!(transfer = %id, error = %e, "could not roll back a member of a failed batch create");
             }
         }
+    }
+
+    /// What `build` could refuse about `t` beyond [`Store::validate`]: an upload source that is
+    /// missing or not a regular file, a hard link across file systems, a manifest over its
+    /// size limit. Checked before a multi-part batch shows its first part.
+    fn precheck(&self, t: &NewTransfer, now: SystemTime) -> Result<()> {
+        let mut payload = PayloadFacts::None;
+        if let Some(UploadSource::File { path, link }) = &t.source {
+            let (_, meta) = self.core.fs.resolve(path)?;
+            if !meta.is_file() {
+                return Err(Error::invalid(format!(
+                    "the upload source {} is not a regular file",
+                    path.display()
+                )));
+            }
+            if *link == LinkMode::HardLink
+                && meta.dev != self.core.fs.lstat(&self.dir(STAGING))?.dev
+            {
+                return Err(Error::invalid(format!(
+                    "the upload source {} is on another file system; it cannot be hard-linked",
+                    path.display()
+                )));
+            }
+            payload = PayloadFacts::Linked {
+                len: u64::MAX,
+                dev: u64::MAX,
+                ino: u64::MAX,
+                mtime_ns: i128::MAX,
+            };
+        } else if let Some(UploadSource::Bytes(b)) = &t.source {
+            payload = PayloadFacts::Written {
+                len: b.len() as u64,
+            };
+        }
+        let probe = Manifest {
+            id: TransferId::from_bytes([0; 16]),
+            kind: t.kind,
+            session: t.session.clone(),
+            request: t.request.clone(),
+            group: t.group.clone(),
+            created: now,
+            deadline: t.deadline,
+            retry: t.retry,
+            payload,
+            idempotency_key: t
+                .idempotency_key
+                .clone()
+                .unwrap_or_else(|| TransferId::from_bytes([0; 16]).to_string()),
+            metadata: t.metadata.clone(),
+        };
+        manifest::encode(&probe).map(|_| ())
     }
 
     fn validate(t: &NewTransfer) -> Result<()> {
@@ -1180,16 +1266,18 @@ impl Store {
         }
     }
 
-    /// Builds each item in `staging/` and makes it durable: file by file, or, when `shared`,
-    /// with one sync of the whole file system (the files are then closed as soon as they are
-    /// written; each member's locked state file stays open until it is renamed).
+    /// Builds each item in `staging/` and makes it durable: file by file, or, given the
+    /// `staging/` handle to sync through, with one sync of the whole file system (the files
+    /// are then closed as soon as they are written; each member's locked state file stays open
+    /// until it is renamed).
     fn stage_all(
         &self,
         items: Vec<NewTransfer>,
         now: SystemTime,
-        shared: bool,
+        sync_with: Option<&Handle>,
         staged: &mut Vec<Staged>,
     ) -> Result<()> {
+        let shared = sync_with.is_some();
         for t in items {
             let id = TransferId::new_v4();
             let dir = self.dir(STAGING).join(id.to_string());
@@ -1209,8 +1297,8 @@ impl Store {
         }
         // One sync of the whole file system also writes out other dirty data on it, so small
         // batches and single creates, often made beside a large download, sync file by file.
-        if shared {
-            return self.core.fs.sync_fs(&self.dir(STAGING));
+        if let Some(h) = sync_with {
+            return self.core.fs.sync_fs(h, &self.dir(STAGING));
         }
         for s in staged.iter() {
             for (f, p) in &s.to_sync {
@@ -2171,6 +2259,9 @@ mod tests {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             crate::fs::Real.sync_dir(f)
         }
+        fn can_sync_fs(&self, f: &Handle) -> bool {
+            crate::fs::Real.can_sync_fs(f)
+        }
         fn sync_fs(&self, f: &Handle) -> std::io::Result<()> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             crate::fs::Real.sync_fs(f)
@@ -2271,6 +2362,50 @@ mod tests {
             counter.0.load(SeqCst) - before - syncs <= ids.len() as u64,
             "one write per transfer after the run"
         );
+        Ok(())
+    }
+
+    /// The real file system, counting renames.
+    #[derive(Debug, Default)]
+    struct CountingRenames(std::sync::atomic::AtomicU64);
+
+    impl crate::fs::Backend for CountingRenames {
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            crate::fs::Real.rename(from, to)
+        }
+    }
+
+    /// A batch larger than one part whose late member has a bad input (a missing upload
+    /// source, metadata over the manifest's limit) fails before any member is renamed into
+    /// `transfers/`, so no other reader ever sees part of it.
+    #[test]
+    fn a_multi_part_batch_with_a_bad_member_renames_nothing() -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
+        let counter = Arc::new(CountingRenames::default());
+        let store = Store::builder()
+            .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .open(dir.path())?;
+        let good = |i: usize| NewTransfer::download(format!("https://example.com/{i}"));
+        let bad: [NewTransfer; 2] = [
+            NewTransfer::upload(
+                "https://example.com/u",
+                UploadSource::File {
+                    path: dir.path().join("missing"),
+                    link: LinkMode::Auto,
+                },
+            ),
+            good(0).meta("big", "x".repeat(300 * 1024)),
+        ];
+        for b in bad {
+            let mut items: Vec<NewTransfer> = (0..200).map(good).collect();
+            items.insert(150, b);
+            let before = counter.0.load(SeqCst);
+            assert!(store.create_batch(items).is_err());
+            assert_eq!(counter.0.load(SeqCst), before, "no member was renamed");
+            assert!(store.list(&Filter::all())?.is_empty());
+        }
         Ok(())
     }
 

@@ -121,3 +121,19 @@ pub fn scratch() -> tempfile::TempDir {
     }
     .expect("scratch directory")
 }
+
+/// The floor's file: 4 KiB, allocated and synced, so a 256-byte overwrite plus `fdatasync`
+/// allocates nothing.
+pub fn floor_file(dir: &std::path::Path) -> std::fs::File {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("raw"))
+        .expect("floor file");
+    f.write_all_at(&[0u8; 4096], 0).expect("floor file");
+    f.sync_all().expect("floor file");
+    f
+}
