@@ -2235,17 +2235,6 @@ mod tests {
         check::<Store>();
     }
 
-    /// The real file system, counting data syncs.
-    #[derive(Debug, Default)]
-    struct CountingSyncs(std::sync::atomic::AtomicU64);
-
-    impl crate::fs::Backend for CountingSyncs {
-        fn sync_data(&self, f: &Handle) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            crate::fs::Real.sync_data(f)
-        }
-    }
-
     /// The real file system, counting every sync (data, directory, file system).
     #[derive(Debug, Default)]
     struct CountingAllSyncs(std::sync::atomic::AtomicU64);
@@ -2314,7 +2303,7 @@ mod tests {
     fn coalesced_progress_is_synced_at_most_once_per_interval_and_within_one() -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let counter = Arc::new(CountingSyncs::default());
+        let counter = Arc::new(CountingAllSyncs::default());
         let interval = Duration::from_millis(100);
         let store = Store::builder()
             .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
