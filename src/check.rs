@@ -135,7 +135,7 @@ const RECORD_FILES: [&str; 5] = [MANIFEST, STATE, PAYLOAD, PARTIAL, RESUME];
 /// Temporary files of interrupted download steps.
 const RECORD_TEMPS: [&str; 2] = ["resume.tmp", "payload.tmp"];
 /// Names allowed at the root (besides `FORMAT.tmp-*` of a store being created).
-const ROOT_ENTRIES: [&str; 8] = [
+const ROOT_ENTRIES: [&str; 9] = [
     FORMAT_FILE,
     LOCK_FILE,
     TRANSFERS,
@@ -143,7 +143,8 @@ const ROOT_ENTRIES: [&str; 8] = [
     TRASH,
     QUARANTINE,
     GROUPS,
-    "index.redb",
+    crate::index::INDEX_FILE,
+    crate::index::JOURNAL_FILE,
 ];
 
 fn canonical(name: &std::ffi::OsStr) -> Option<TransferId> {
@@ -428,6 +429,12 @@ impl Store {
         let to = self
             .dir(QUARANTINE)
             .join(format!("stray-{}-{name}", TransferId::new_v4()));
+        if _held.is_some()
+            && let (Some(j), Some(id)) =
+                (&self.core.journal, parent.file_name().and_then(canonical))
+        {
+            j.intent(self.root(), id)?;
+        }
         match self.core.fs.rename(path, &to) {
             Ok(()) => {}
             Err(e) if e.is_not_found_io() => return Ok(None),

@@ -115,7 +115,7 @@ fn with_valid_slot_checksums(data: &[u8]) -> Vec<u8> {
 }
 
 /// Names a fuzzed tree is made of; index [`RAW_NAME`] takes a name from the input instead.
-const NAMES: [&str; 16] = [
+const NAMES: [&str; 18] = [
     "transfers",
     "staging",
     "trash",
@@ -132,6 +132,8 @@ const NAMES: [&str; 16] = [
     "groups",
     "x",
     ".tmp",
+    "journal",
+    "index.redb",
 ];
 const RAW_NAME: u64 = NAMES.len() as u64;
 /// What `open_store` puts beside the store, to see that nothing there changes.

@@ -69,6 +69,7 @@ mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 mod group;
+mod index;
 mod reconcile;
 #[cfg(any(test, feature = "fuzzing"))]
 #[cfg_attr(

@@ -50,6 +50,7 @@ pub struct StoreBuilder {
     clear_debris: bool,
     background_flush: bool,
     shared_sync_min: usize,
+    hold_index: bool,
     backend: Option<Arc<dyn crate::fs::Backend>>,
 }
 
@@ -76,6 +77,7 @@ impl Default for StoreBuilder {
             clear_debris: true,
             background_flush: true,
             shared_sync_min: 8,
+            hold_index: true,
             backend: None,
         }
     }
@@ -147,6 +149,26 @@ impl StoreBuilder {
     /// the debris as it is.
     pub fn clear_debris(mut self, clear: bool) -> Self {
         self.clear_debris = clear;
+        self
+    }
+
+    /// Whether this handle holds the store's index (`index.redb`, on by default) so listing and
+    /// reconciling a large store read one file instead of every transfer directory. One
+    /// process at a time can hold it; the others read the directories and record their
+    /// changes for the holder in the journal. A handle opened with [`StoreBuilder::create`] off
+    /// never holds it. See [`Store::release_index`].
+    ///
+    /// ```
+    /// # fn main() -> Result<(), waybill::Error> {
+    /// let dir = tempfile::tempdir().expect("tempdir");
+    /// let app = waybill::Store::open(dir.path())?;
+    /// let extension = waybill::Store::builder().index(false).open(dir.path())?;
+    /// assert!(app.list(&waybill::Filter::all())?.is_empty());
+    /// assert!(extension.list(&waybill::Filter::all())?.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn index(mut self, hold: bool) -> Self {
+        self.hold_index = hold;
         self
     }
 
@@ -327,6 +349,8 @@ pub struct Store {
     pub(crate) core: Arc<Core>,
     cfg: StoreBuilder,
     index: Mutex<TaskIndex>,
+    /// The derived index, while this handle holds it.
+    held: Mutex<Option<crate::index::Index>>,
     report: OpenReport,
     /// Started at the first coalesced report (`None` inside when it could not start).
     flusher: std::sync::OnceLock<Option<Flusher>>,
@@ -392,6 +416,9 @@ pub(crate) struct Core {
     flush_interval: Duration,
     manifests: Mutex<HashMap<TransferId, Arc<Manifest>>>,
     pending: Mutex<HashMap<TransferId, PendingProgress>>,
+    /// The change journal (real file system only; `None` where this system cannot tell its
+    /// boots apart, or on a store opened read-only without one).
+    pub(crate) journal: Option<crate::index::Journal>,
 }
 
 impl fmt::Debug for Store {
@@ -585,6 +612,22 @@ impl Core {
         .into())
     }
 
+    /// Journals what `id` is now (its newest state slot `state`), under its lock.
+    fn journal_entry(&self, id: TransferId, manifest: &Manifest, dir: &Path, state: Vec<u8>) {
+        if let Some(j) = &self.journal {
+            let resume = manifest.kind == Kind::Download
+                && self.fs.lstat(&dir.join(RESUME)).is_ok_and(|m| m.is_file());
+            j.entry(
+                id,
+                &crate::format::index::EntryBody {
+                    state,
+                    resume,
+                    manifest: None,
+                },
+            );
+        }
+    }
+
     /// [`Store::modify`]; `merge_pending` says whether coalesced progress rides along.
     pub(crate) fn modify_with<R>(
         &self,
@@ -596,6 +639,9 @@ impl Core {
         self.fs.check()?;
         let manifest = self.manifest(id)?;
         let (file, path, dir, created) = self.lock_state(id)?;
+        if let Some(j) = &self.journal {
+            j.intent(&self.root, id)?;
+        }
         let bytes = self.fs.read_state_slots(&file, &path)?;
         let (mut state, newest) = self.decode_state(id, &path, &bytes);
         if newest.is_none() {
@@ -640,8 +686,14 @@ impl Core {
             if created {
                 self.fs.sync_dir(&dir)?;
             }
+            self.journal_entry(id, &manifest, &dir, enc);
             tracing::debug!(transfer = %id, op, phase = %state.phase, seq, "state written");
         } else {
+            // `f` may have changed files (resume data) or moved the directory away (a purge):
+            // an entry only for a directory still in place; the intent covers the rest.
+            if self.journal.is_some() && self.fs.lstat(&dir).is_ok_and(|m| m.is_dir()) {
+                self.journal_entry(id, &manifest, &dir, crate::index::newest_slot(&bytes));
+            }
             tracing::debug!(transfer = %id, op, "no change");
         }
         if let Some(p) = pending {
@@ -694,6 +746,8 @@ struct Staged {
     /// Files whose data must be synced before the directory becomes visible.
     to_sync: Vec<(Handle, PathBuf)>,
     manifest: Manifest,
+    /// The manifest file and the first state slot as written, for the journal.
+    files: (Vec<u8>, Vec<u8>),
 }
 
 fn check_name(what: &str, s: &str) -> Result<()> {
@@ -866,6 +920,12 @@ impl Store {
         } else {
             None
         };
+        // The journal and the index exist on the real file system only.
+        let journal = if cfg.backend.is_none() {
+            crate::index::Journal::open(root, cfg.create, cfg.lock_timeout)?
+        } else {
+            None
+        };
         let core = Arc::new(Core {
             root: root.to_path_buf(),
             fs,
@@ -873,11 +933,13 @@ impl Store {
             flush_interval: cfg.flush_interval,
             manifests: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            journal,
         });
         let mut store = Store {
             core,
             cfg,
             index: Mutex::new(TaskIndex::default()),
+            held: Mutex::new(None),
             report,
             flusher: std::sync::OnceLock::new(),
         };
@@ -892,7 +954,14 @@ impl Store {
             store.report.staging_live = d.staging_live;
             store.report.trash_cleared = d.trash_cleared;
         }
-        store.scan_unknown()?;
+        match store.index_sync(crate::index::Sync::Checkpoint) {
+            Some(l) => {
+                let transfers = store.dir(TRANSFERS);
+                store.report.unknown_entries =
+                    l.unknown.iter().map(|n| transfers.join(n)).collect();
+            }
+            None => store.scan_unknown()?,
+        }
         drop(lock_file);
         Ok(store)
     }
@@ -1139,6 +1208,20 @@ impl Store {
                 return Err(e);
             }
             let mut failed = None;
+            if let Some(j) = &self.core.journal {
+                // Each member's lock is held from here until its entry is journaled.
+                let mut intents = Ok(());
+                for s in &staged {
+                    intents = intents.and_then(|()| j.intent(&self.core.root, s.id));
+                }
+                if let Err(e) = intents {
+                    for s in &staged {
+                        let _ = self.core.fs.remove_tree(&s.dir);
+                    }
+                    self.roll_back(&moved);
+                    return Err(e);
+                }
+            }
             for (i, s) in staged.iter().enumerate() {
                 let to = transfers.join(s.id.to_string());
                 if let Err(e) = self.core.fs.rename(&s.dir, &to) {
@@ -1158,6 +1241,17 @@ impl Store {
                 return Err(e);
             }
             for s in staged {
+                if let Some(j) = &self.core.journal {
+                    let (manifest, state) = s.files;
+                    j.entry(
+                        s.id,
+                        &crate::format::index::EntryBody {
+                            state,
+                            resume: false,
+                            manifest: Some(manifest),
+                        },
+                    );
+                }
                 manifests.push((s.id, s.manifest));
                 drop(s.state);
             }
@@ -1388,6 +1482,7 @@ impl Store {
             state,
             to_sync,
             manifest: stored,
+            files: (bytes, slot),
         })
     }
 
@@ -1828,8 +1923,12 @@ impl Store {
         Ok(())
     }
 
-    /// Renames the transfer's directory into `trash/` and syncs `transfers/`.
+    /// Renames the transfer's directory into `trash/` and syncs `transfers/`. The caller holds
+    /// the transfer's lock.
     fn move_to_trash(&self, id: TransferId) -> Result<()> {
+        if let Some(j) = &self.core.journal {
+            j.intent(&self.core.root, id)?;
+        }
         let from = self.transfer_dir(id);
         let to = self.dir(TRASH).join(id.to_string());
         self.core.fs.rename(&from, &to)?;
@@ -1870,6 +1969,9 @@ impl Store {
             }
             Err(_) => None,
         };
+        if let Some(j) = &self.core.journal {
+            j.intent(&self.core.root, id)?;
+        }
         let to = self.dir(QUARANTINE).join(id.to_string());
         self.core.fs.rename(&from, &to)?;
         self.core.fs.sync_dir(&self.dir(QUARANTINE))?;
@@ -1922,14 +2024,147 @@ impl Store {
     }
 
     /// Lists transfers matching `filter`, in id order, without reading payloads. Corrupt
-    /// records are skipped (see [`Store::scan`]).
+    /// records are skipped (see [`Store::scan`]). Read from the index while this handle holds
+    /// it ([`StoreBuilder::index`]), else from the directories.
     ///
     /// # Errors
     /// As [`Store::scan`].
     pub fn list(&self, filter: &Filter) -> Result<Vec<Transfer>> {
-        let mut v = self.scan()?.transfers;
+        let mut v: Vec<Transfer> = self
+            .gather(false)?
+            .transfers
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
         v.retain(|t| filter.matches(t));
         Ok(v)
+    }
+
+    /// Every readable transfer (with whether resume data is stored, when `resume` is asked
+    /// for) and every corrupt record: from the index while this handle holds it, else from the
+    /// directories.
+    pub(crate) fn gather(&self, resume: bool) -> Result<Gathered> {
+        self.core.fs.check()?;
+        if let Some(records) = self
+            .index_sync(crate::index::Sync::List)
+            .and_then(|l| l.records)
+        {
+            return Ok(self.decode_indexed(records));
+        }
+        let scan = self.scan()?;
+        let mut transfers = Vec::with_capacity(scan.transfers.len());
+        for t in scan.transfers {
+            let r = resume && t.manifest.kind == Kind::Download && self.has_resume_data(t.id())?;
+            transfers.push((t, r));
+        }
+        Ok(Gathered {
+            transfers,
+            corrupt: scan.corrupt,
+        })
+    }
+
+    /// Decodes the index's records as [`Store::scan`] would read the directories.
+    fn decode_indexed(&self, records: Vec<crate::format::index::IndexRecord>) -> Gathered {
+        let mut out = Gathered {
+            transfers: Vec::with_capacity(records.len()),
+            corrupt: Vec::new(),
+        };
+        for r in records {
+            let id = TransferId::from_bytes(r.id);
+            let path = self.transfer_dir(id).join(MANIFEST);
+            let m = manifest::decode(&path, &r.manifest).and_then(|m| {
+                if m.id == id {
+                    Ok(m)
+                } else {
+                    Err(Error::corrupt(
+                        &path,
+                        Corruption::IdMismatch {
+                            expected: id,
+                            found: m.id,
+                        },
+                    ))
+                }
+            });
+            let manifest = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    out.corrupt.push((id, e));
+                    continue;
+                }
+            };
+            let state = match state_fmt::decode_slot(0, &r.state) {
+                Ok(slot) => slot.state,
+                Err(_) => {
+                    let mut s = State::new();
+                    s.rebuilt = true;
+                    s
+                }
+            };
+            out.transfers.push((Transfer { manifest, state }, r.resume));
+        }
+        out
+    }
+
+    /// Brings the index up to date when this handle holds it (opening it if it can); `None`
+    /// when it does not hold it or the index failed (it is then deleted, to be rebuilt).
+    pub(crate) fn index_sync(&self, mode: crate::index::Sync) -> Option<crate::index::Listing> {
+        let journal = self.core.journal.as_ref()?;
+        if !self.cfg.hold_index || !self.cfg.create {
+            return None;
+        }
+        let mut held = lock(&self.held);
+        if held.as_ref().is_some_and(|i| !i.still_in_place()) {
+            *held = None;
+        }
+        if held.is_none() {
+            match crate::index::Index::open(&self.core.root) {
+                Ok(i) => *held = i,
+                Err(e) => {
+                    tracing::warn!(error = %e, "index unavailable; reading the directories");
+                    return None;
+                }
+            }
+        }
+        let r = held.as_ref()?.sync(&self.core.root, journal, mode);
+        match r {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "index failed; deleting it to rebuild, reading the directories");
+                *held = None;
+                let _ = std::fs::remove_file(self.core.root.join(crate::index::INDEX_FILE));
+                None
+            }
+        }
+    }
+
+    /// Writes what the journal gathered into the index and closes it, so another process can
+    /// hold it. Call it before the app is suspended (iOS ends a suspended app that holds a
+    /// file lock in a shared container). Cheap when nothing changed; the index is reopened
+    /// when next needed. Returns whether this handle held it.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), waybill::Error> {
+    /// let dir = tempfile::tempdir().expect("tempdir");
+    /// let app = waybill::Store::open(dir.path())?;
+    /// app.list(&waybill::Filter::all())?; // the app holds the index
+    /// assert!(app.release_index());
+    /// let extension = waybill::Store::open(dir.path())?;
+    /// extension.list(&waybill::Filter::all())?; // now the extension does
+    /// assert!(!app.release_index() && extension.release_index());
+    /// # Ok(()) }
+    /// ```
+    pub fn release_index(&self) -> bool {
+        let mut held = lock(&self.held);
+        let Some(index) = held.as_ref() else {
+            return false;
+        };
+        if let Some(j) = &self.core.journal
+            && let Err(e) = index.sync(&self.core.root, j, crate::index::Sync::Checkpoint)
+        {
+            tracing::warn!(error = %e, "index not brought up to date before release");
+        }
+        *held = None;
+        true
     }
 
     /// Outcomes (succeeded, or failed for good) that wait for [`Store::acknowledge`].
@@ -1938,16 +2173,22 @@ impl Store {
     /// As [`Store::scan`].
     pub fn pending_outcomes(&self) -> Result<Vec<(TransferId, Outcome)>> {
         Ok(self
-            .scan()?
+            .gather(false)?
             .transfers
             .into_iter()
+            .map(|(t, _)| t)
             .filter(|t| matches!(t.state.phase, Phase::Completed | Phase::Failed))
             .filter_map(|t| t.state.outcome.clone().map(|o| (t.id(), o)))
             .collect())
     }
 
     fn rebuild_index(&self) -> Result<Vec<Transfer>> {
-        let all = self.scan()?.transfers;
+        let all: Vec<Transfer> = self
+            .gather(false)?
+            .transfers
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
         let mut idx = TaskIndex::default();
         for t in &all {
             if let Some(b) = &t.state.binding {
@@ -2137,7 +2378,11 @@ impl Store {
             Ok(((), true))
         })?;
         // Only now that the state says "downloaded" are the partial bytes and resume data moot.
-        let dir = self.transfer_dir(id);
+        // Under the lock, journaled, since the index keeps whether resume data exists.
+        let (_held, _, dir, _) = self.lock_state(id)?;
+        if let Some(j) = &self.core.journal {
+            j.intent(&self.core.root, id)?;
+        }
         for leftover in [PARTIAL, RESUME] {
             if let Err(e) = self.core.fs.remove_file(&dir.join(leftover)) {
                 tracing::warn!(transfer = %id, error = %e, "left a moot download file behind");
@@ -2222,7 +2467,14 @@ impl Drop for Store {
         if let Err(e) = self.flush() {
             tracing::warn!(error = %e, "coalesced progress not flushed at close");
         }
+        self.release_index();
     }
+}
+
+/// What [`Store::gather`] found.
+pub(crate) struct Gathered {
+    pub(crate) transfers: Vec<(Transfer, bool)>,
+    pub(crate) corrupt: Vec<(TransferId, Error)>,
 }
 
 #[cfg(test)]

@@ -164,6 +164,7 @@ fn non_canonical_entries_are_reported_not_deleted() -> TestResult {
     let upper = transfers.join("6F9619FF-8B86-D011-B42D-00C04FC964FF");
     std::fs::create_dir(&upper)?;
     std::fs::write(transfers.join("notes.txt"), b"hi")?;
+    common::forget_index(&t.root());
     let store = Store::open(t.root())?;
     let report = store.open_report();
     assert_eq!(report.unknown_entries.len(), 2, "{report:?}");

@@ -338,6 +338,7 @@ fn corrupt_manifest_is_quarantined_with_its_tagged_task() -> TestResult {
     let mut b = std::fs::read(&m)?;
     b[20] ^= 0xff;
     std::fs::write(&m, b)?;
+    common::forget_index(&t.root());
     let store = Store::open(t.root())?;
     let tasks = [Task::running(S, 8, "https://x/a").tag(id.to_string())];
     // Any reconcile meets it, whichever sessions it covers.

@@ -223,6 +223,7 @@ fn a_directory_with_a_non_canonical_name_is_never_a_record() -> TestResult {
         .join("transfers")
         .join(victim.to_string().to_uppercase());
     std::fs::rename(transfer_dir(&root, victim), &upper)?;
+    common::forget_index(&root);
     let store = Store::open(&root)?;
     assert_eq!(store.open_report().unknown_entries, vec![upper.clone()]);
     assert_eq!(store.list(&waybill::Filter::all())?.len(), 1);
@@ -283,6 +284,7 @@ fn four_gib_length_prefixes_are_refused_before_allocating() -> TestResult {
     let mut s = std::fs::read(dir.join("state"))?;
     s[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
     std::fs::write(dir.join("state"), &s)?;
+    common::forget_index(&root);
     let store = Store::open(&root)?;
     let e = store.get(victim).expect_err("4 GiB manifest body");
     assert!(

@@ -1,6 +1,7 @@
 //! The on-disk encoding. Every byte layout here is described in `docs/FORMAT.md`; offsets and
 //! sizes come from the named constants below. All integers are little-endian.
 
+pub(crate) mod index;
 pub(crate) mod manifest;
 pub(crate) mod meta;
 pub(crate) mod state;

@@ -105,6 +105,10 @@ fn tree_of(root: &Path) -> std::io::Result<Vec<Entry>> {
             let mut p = at.to_vec();
             p.push(e.file_name().to_string_lossy().into_owned());
             let t = e.file_type()?;
+            if p == [crate::index::INDEX_FILE] {
+                // Derived, and rebuilt from the rest: a seed needs only the journal.
+                continue;
+            }
             if t.is_dir() {
                 out.push(Entry::Dir(p.clone()));
                 walk(&e.path(), &p, out)?;

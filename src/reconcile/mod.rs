@@ -1083,20 +1083,17 @@ impl Store {
     }
 
     fn records(&self, sessions: &Sessions) -> Result<(Vec<Record>, Vec<TransferId>)> {
-        let scan = self.scan()?;
-        let mut records = Vec::with_capacity(scan.transfers.len());
-        for t in scan.transfers {
-            if !sessions.contains(&t.manifest.session) {
-                continue;
-            }
-            let has_resume_data =
-                t.manifest.kind == Kind::Download && self.has_resume_data(t.id())?;
-            records.push(Record {
-                transfer: t,
+        let all = self.gather(true)?;
+        let records = all
+            .transfers
+            .into_iter()
+            .filter(|(t, _)| sessions.contains(&t.manifest.session))
+            .map(|(transfer, has_resume_data)| Record {
+                transfer,
                 has_resume_data,
-            });
-        }
-        let corrupt = scan.corrupt.into_iter().map(|(id, _)| id).collect();
+            })
+            .collect();
+        let corrupt = all.corrupt.into_iter().map(|(id, _)| id).collect();
         Ok((records, corrupt))
     }
 

@@ -42,3 +42,14 @@ pub fn files_below(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Deletes the store's index, as after editing its files behind its back: the index keeps the
+/// copy it read, and the next open rebuilds it from the directories.
+#[allow(dead_code, reason = "not every test binary edits a store by hand")]
+pub fn forget_index(root: &Path) {
+    match std::fs::remove_file(root.join("index.redb")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("remove index.redb: {e}"),
+    }
+}

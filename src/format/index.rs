@@ -1,0 +1,312 @@
+//! The derived index's encodings (FORMAT.md §6): the change journal's header and frames, and
+//! the records the index keeps per transfer. None of this is the source of truth: anything
+//! that fails to decode makes the index rebuild itself from the transfer directories.
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode_exact, fixed};
+
+/// Magic at the start of the `journal` file.
+pub(crate) const JOURNAL_MAGIC: [u8; 4] = *b"WBJN";
+/// The journal format this build writes and reads.
+pub(crate) const JOURNAL_VERSION: u16 = 1;
+/// Journal header: magic (4), version (2), reserved (2), generation (16), boot kind (1),
+/// reserved (7), boot value (16), CRC-32 of bytes 0..48 (4), reserved (4).
+pub(crate) const JOURNAL_HEADER_LEN: usize = 56;
+const GEN_AT: usize = 8;
+const BOOT_KIND_AT: usize = 24;
+const BOOT_VALUE_AT: usize = 32;
+const HEADER_CRC_AT: usize = 48;
+
+/// Frame header: tag (1), reserved (3), payload length (4), transfer id (16), CRC-32 of the
+/// header's first 24 bytes and the payload (4).
+pub(crate) const FRAME_HEADER_LEN: usize = 28;
+const FRAME_LEN_AT: usize = 4;
+const FRAME_ID_AT: usize = 8;
+const FRAME_CRC_AT: usize = 24;
+/// The largest frame payload: a manifest file and a state slot, with room for their framing.
+pub(crate) const MAX_FRAME_PAYLOAD: usize =
+    super::manifest::MAX_FILE as usize + super::state::SLOT_CAPACITY + 64;
+
+/// A frame written before a transfer is changed: "this transfer may change now".
+pub(crate) const TAG_INTENT: u8 = 1;
+/// A frame written after a change, under the same lock: the transfer as it now is.
+pub(crate) const TAG_ENTRY: u8 = 2;
+
+/// Which instance of the running system wrote the journal. A reboot may have dropped
+/// unsynced journal frames, so a journal from another boot is never trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Boot {
+    /// The kernel's boot id (Linux, Android).
+    Id([u8; 16]),
+    /// The boot time in milliseconds since the Unix epoch, estimated from the wall clock and a
+    /// clock that counts from boot (other systems). Two estimates within two seconds are the
+    /// same boot.
+    Since(i64),
+}
+
+/// Two boot-time estimates closer than this are the same boot.
+pub(crate) const BOOT_SLACK_MS: i64 = 2_000;
+
+impl Boot {
+    /// Whether `self` and `other` name the same boot.
+    pub(crate) fn same(&self, other: &Boot) -> bool {
+        match (self, other) {
+            (Boot::Id(a), Boot::Id(b)) => a == b,
+            (Boot::Since(a), Boot::Since(b)) => a.abs_diff(*b) <= BOOT_SLACK_MS.unsigned_abs(),
+            _ => false,
+        }
+    }
+}
+
+/// A decoded journal header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct JournalHeader {
+    /// Random; a new journal (new boot, or created) gets a new generation.
+    pub(crate) generation: [u8; 16],
+    pub(crate) boot: Boot,
+}
+
+pub(crate) fn encode_journal_header(h: &JournalHeader) -> [u8; JOURNAL_HEADER_LEN] {
+    let mut b = [0u8; JOURNAL_HEADER_LEN];
+    let (kind, value) = match h.boot {
+        Boot::Id(id) => (1u8, id),
+        Boot::Since(ms) => {
+            let mut v = [0u8; 16];
+            let (head, _) = v.split_at_mut(8);
+            head.copy_from_slice(&ms.to_le_bytes());
+            (2u8, v)
+        }
+    };
+    let mut put = |at: usize, src: &[u8]| {
+        if let Some(dst) = b.get_mut(at..at + src.len()) {
+            dst.copy_from_slice(src);
+        }
+    };
+    put(0, &JOURNAL_MAGIC);
+    put(4, &JOURNAL_VERSION.to_le_bytes());
+    put(GEN_AT, &h.generation);
+    put(BOOT_KIND_AT, &[kind]);
+    put(BOOT_VALUE_AT, &value);
+    let crc = crc32fast::hash(b.get(..HEADER_CRC_AT).unwrap_or_default());
+    if let Some(dst) = b.get_mut(HEADER_CRC_AT..HEADER_CRC_AT + 4) {
+        dst.copy_from_slice(&crc.to_le_bytes());
+    }
+    b
+}
+
+/// Decodes a journal header; `None` for anything that is not one this build wrote.
+pub(crate) fn decode_journal_header(b: &[u8]) -> Option<JournalHeader> {
+    if b.len() < JOURNAL_HEADER_LEN
+        || fixed::<4>(b, 0) != JOURNAL_MAGIC
+        || u16::from_le_bytes(fixed::<2>(b, 4)) != JOURNAL_VERSION
+        || u32::from_le_bytes(fixed::<4>(b, HEADER_CRC_AT))
+            != crc32fast::hash(b.get(..HEADER_CRC_AT)?)
+    {
+        return None;
+    }
+    let value = fixed::<16>(b, BOOT_VALUE_AT);
+    let boot = match fixed::<1>(b, BOOT_KIND_AT) {
+        [1] => Boot::Id(value),
+        [2] => Boot::Since(i64::from_le_bytes(fixed::<8>(&value, 0))),
+        _ => return None,
+    };
+    Some(JournalHeader {
+        generation: fixed::<16>(b, GEN_AT),
+        boot,
+    })
+}
+
+/// What an entry frame carries: the transfer as it is after the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EntryBody {
+    /// The newest state slot as written (header and body).
+    pub(crate) state: Vec<u8>,
+    /// Whether the download's resume data exists.
+    pub(crate) resume: bool,
+    /// The manifest file, on creation only.
+    pub(crate) manifest: Option<Vec<u8>>,
+}
+
+pub(crate) fn encode_frame(tag: u8, id: &[u8; 16], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
+    out.push(tag);
+    out.extend_from_slice(&[0u8; 3]);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(id);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&out);
+    h.update(payload);
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The whole length of the frame starting `b`, once its header is there (for a length no frame
+/// has: 0, so it always counts as whole).
+pub(crate) fn frame_len(b: &[u8]) -> Option<usize> {
+    let head = b.get(..FRAME_HEADER_LEN)?;
+    let len = u32::from_le_bytes(fixed::<4>(head, FRAME_LEN_AT)) as usize;
+    Some(if len > MAX_FRAME_PAYLOAD {
+        0
+    } else {
+        FRAME_HEADER_LEN + len
+    })
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Frame {
+    Intent([u8; 16]),
+    Entry([u8; 16], EntryBody),
+}
+
+/// Decodes the frame at the start of `b`: the frame and its length; `None` when `b` ends
+/// before the frame does (a frame being appended) or the frame is damaged.
+pub(crate) fn decode_frame(b: &[u8]) -> Option<(Frame, usize)> {
+    let head = b.get(..FRAME_HEADER_LEN)?;
+    let len = u32::from_le_bytes(fixed::<4>(head, FRAME_LEN_AT)) as usize;
+    if len > MAX_FRAME_PAYLOAD {
+        return None;
+    }
+    let payload = b.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(head.get(..FRAME_CRC_AT)?);
+    h.update(payload);
+    if h.finalize() != u32::from_le_bytes(fixed::<4>(head, FRAME_CRC_AT)) {
+        return None;
+    }
+    let id = fixed::<16>(head, FRAME_ID_AT);
+    let frame = match fixed::<1>(head, 0) {
+        [TAG_INTENT] if len == 0 => Frame::Intent(id),
+        [TAG_ENTRY] => Frame::Entry(id, decode_exact(payload).ok()?),
+        _ => return None,
+    };
+    Some((frame, FRAME_HEADER_LEN + len))
+}
+
+/// What the index keeps per transfer: the files the reconciler and the list queries decode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IndexRecord {
+    pub(crate) id: [u8; 16],
+    /// Whether the download's resume data exists.
+    pub(crate) resume: bool,
+    /// The newest valid state slot (header and body); empty when neither slot was valid.
+    pub(crate) state: Vec<u8>,
+    /// The manifest file as found (it may fail its checks: the record is then corrupt).
+    pub(crate) manifest: Vec<u8>,
+}
+
+/// The index's records are kept in this many chunks, by the top bits of the id: few, large
+/// values read far faster cold than one small value per record.
+pub(crate) const CHUNKS: u16 = 1024;
+
+/// The chunk of an id: its top `log2(CHUNKS)` bits.
+pub(crate) fn chunk_of(id: &[u8; 16]) -> u16 {
+    u16::from_be_bytes([id[0], id[1]]) >> (16 - CHUNKS.trailing_zeros())
+}
+
+pub(crate) fn encode_chunk(records: &[IndexRecord]) -> Vec<u8> {
+    postcard::to_allocvec(records).unwrap_or_default()
+}
+
+pub(crate) fn decode_chunk(b: &[u8]) -> Result<Vec<IndexRecord>, String> {
+    decode_exact(b)
+}
+
+/// The index's bookkeeping, kept beside the chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct IndexMeta {
+    /// The journal generation the chunks follow.
+    pub(crate) generation: [u8; 16],
+    /// The journal offset up to which the chunks are complete.
+    pub(crate) consumed: u64,
+    /// Names under `transfers/` that are not transfers, as of the last rebuild.
+    pub(crate) unknown: Vec<String>,
+}
+
+/// The version of the index's tables; another version is rebuilt.
+pub(crate) const INDEX_VERSION: u32 = 1;
+
+pub(crate) fn encode_meta(m: &IndexMeta) -> Vec<u8> {
+    let mut out = INDEX_VERSION.to_le_bytes().to_vec();
+    out.extend(postcard::to_allocvec(m).unwrap_or_default());
+    out
+}
+
+pub(crate) fn decode_meta(b: &[u8]) -> Option<IndexMeta> {
+    if u32::from_le_bytes(fixed::<4>(b, 0)) != INDEX_VERSION {
+        return None;
+    }
+    decode_exact(b.get(4..)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_damage_reads_as_no_frame() {
+        let id = [7u8; 16];
+        let body = EntryBody {
+            state: vec![1, 2, 3],
+            resume: true,
+            manifest: Some(vec![9; 40]),
+        };
+        let payload = postcard::to_allocvec(&body).unwrap_or_default();
+        let mut j = encode_frame(TAG_INTENT, &id, &[]);
+        j.extend(encode_frame(TAG_ENTRY, &id, &payload));
+        let (f1, n1) = decode_frame(&j).expect("intent");
+        assert_eq!(f1, Frame::Intent(id));
+        let (f2, n2) = decode_frame(&j[n1..]).expect("entry");
+        assert_eq!(f2, Frame::Entry(id, body));
+        assert_eq!(n1 + n2, j.len());
+        // A frame cut short (still being appended) or with any byte flipped is no frame.
+        assert!(decode_frame(&j[n1..j.len() - 1]).is_none());
+        for i in n1..j.len() {
+            let mut bad = j.clone();
+            bad[i] ^= 0x10;
+            assert!(decode_frame(&bad[n1..]).is_none(), "byte {i} flipped");
+        }
+    }
+
+    #[test]
+    fn journal_header_round_trips_and_boots_compare() {
+        for boot in [Boot::Id([3; 16]), Boot::Since(1_700_000_000_123)] {
+            let h = JournalHeader {
+                generation: [5; 16],
+                boot,
+            };
+            let b = encode_journal_header(&h);
+            assert_eq!(decode_journal_header(&b), Some(h));
+            let mut bad = b;
+            bad[BOOT_VALUE_AT] ^= 1;
+            assert_eq!(decode_journal_header(&bad), None);
+        }
+        assert!(Boot::Since(10_000).same(&Boot::Since(11_500)));
+        assert!(!Boot::Since(10_000).same(&Boot::Since(12_500)));
+        assert!(!Boot::Id([1; 16]).same(&Boot::Id([2; 16])));
+        assert!(!Boot::Id([0; 16]).same(&Boot::Since(0)));
+    }
+
+    #[test]
+    fn chunks_and_meta_round_trip() {
+        let r = IndexRecord {
+            id: [1; 16],
+            resume: false,
+            state: vec![4; 30],
+            manifest: vec![8; 200],
+        };
+        let c = encode_chunk(std::slice::from_ref(&r));
+        assert_eq!(decode_chunk(&c), Ok(vec![r]));
+        assert!(decode_chunk(&c[..c.len() - 1]).is_err());
+        let m = IndexMeta {
+            generation: [2; 16],
+            consumed: 56,
+            unknown: vec!["junk".into()],
+        };
+        assert_eq!(decode_meta(&encode_meta(&m)), Some(m));
+        assert_eq!(chunk_of(&[0xff; 16]), CHUNKS - 1);
+        assert_eq!(chunk_of(&[0; 16]), 0);
+    }
+}

@@ -1,0 +1,748 @@
+//! The derived index (FORMAT.md §6): `index.redb` keeps every transfer's manifest and newest
+//! state slot in a few large values, so opening and reconciling a large store reads one file
+//! instead of every transfer directory. The directories stay the source of truth.
+//!
+//! redb holds an exclusive lock on its file while it is open, so one process at a time holds
+//! the index. Every process, holder or not, appends to the change `journal` around each change
+//! it makes to a transfer, while holding that transfer's lock: an *intent* frame before ("this
+//! transfer may change now") and an *entry* frame after ("this is the transfer now"). The
+//! holder brings the index up to date from the journal; an intent with no entry after it (a
+//! process killed mid-change, or a change that writes no state) is resolved by reading that
+//! transfer's directory. Journal appends are not synced: they survive a killed process in the
+//! page cache, and a journal from an earlier boot (which may have lost frames) is discarded,
+//! which makes the holder rebuild the index from the directories.
+//!
+//! Only the real file system has a journal and an index: the simulated and fault-injecting
+//! backends leave both out (their stores are always read from the directories).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::format::index::{
+    self as fmt, Boot, EntryBody, Frame, IndexMeta, IndexRecord, JOURNAL_HEADER_LEN, JournalHeader,
+};
+use crate::format::state as state_fmt;
+use crate::store::{MANIFEST, RESUME, STAGING, STATE, TRANSFERS};
+use crate::{Error, Result, TransferId};
+
+pub(crate) const JOURNAL_FILE: &str = "journal";
+pub(crate) const INDEX_FILE: &str = "index.redb";
+
+const CHUNKS: TableDefinition<u16, &[u8]> = TableDefinition::new("chunks");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const META_KEY: &str = "meta";
+
+/// From this many journal bytes past the index's checkpoint, reading the index also writes the
+/// changes into it.
+const CHECKPOINT_BYTES: u64 = 256 * 1024;
+/// A fully consumed journal longer than this is cut back to its header.
+const COMPACT_BYTES: u64 = 1024 * 1024;
+/// The index's page cache: its values are read once per reconcile, so a large cache only
+/// costs resident memory.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
+/// This boot of the running system, where the platform can tell.
+pub(crate) fn current_boot() -> Option<Boot> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        && let Ok(u) = uuid::Uuid::parse_str(s.trim())
+    {
+        return Some(Boot::Id(*u.as_bytes()));
+    }
+    #[cfg(unix)]
+    {
+        // The wall clock minus the time since boot (a clock that keeps counting in sleep).
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let since = rustix::time::ClockId::Boottime;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let since = rustix::time::ClockId::Monotonic;
+        let up = rustix::time::clock_gettime(since);
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+        let ms = |t: rustix::time::Timespec| {
+            t.tv_sec
+                .saturating_mul(1000)
+                .saturating_add(t.tv_nsec / 1_000_000)
+        };
+        Some(Boot::Since(ms(now).saturating_sub(ms(up))))
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The store's change journal, open for appending.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    path: PathBuf,
+    /// Appends from this process go one at a time: the shared lock is per open file, so one
+    /// thread's unlock would otherwise end another's.
+    file: Mutex<File>,
+    boot: Boot,
+    lock_timeout: Duration,
+}
+
+fn open_journal_file(path: &Path, create: bool) -> std::io::Result<File> {
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).append(true).create(create);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        oo.mode(crate::fs::FILE_MODE);
+        oo.custom_flags(libc::O_NOFOLLOW);
+    }
+    oo.open(path)
+}
+
+fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let Some(rest) = buf.get_mut(got..) else {
+            break;
+        };
+        #[cfg(unix)]
+        let n = std::os::unix::fs::FileExt::read_at(f, rest, off + got as u64)?;
+        #[cfg(not(unix))]
+        let n = {
+            let _ = (f, rest);
+            0
+        };
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Takes a lock within `timeout`; `shared` for appenders, exclusive to reset or compact.
+fn lock_within(f: &File, shared: bool, timeout: Duration) -> std::io::Result<bool> {
+    let start = Instant::now();
+    loop {
+        let r = if shared {
+            f.try_lock_shared()
+        } else {
+            f.try_lock()
+        };
+        match r {
+            Ok(()) => return Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < timeout => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
+impl Journal {
+    /// Opens the store's journal, creating it when `create` is set. A journal written in
+    /// another boot (or damaged) is reset to an empty one with a new generation first.
+    /// `Ok(None)` when there is no journal to open, or this system cannot tell its boots apart.
+    pub(crate) fn open(root: &Path, create: bool, lock_timeout: Duration) -> Result<Option<Self>> {
+        let Some(boot) = current_boot() else {
+            return Ok(None);
+        };
+        let path = root.join(JOURNAL_FILE);
+        let file = match open_journal_file(&path, create) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
+            Err(e) => return Err(Error::io("open", &path, e)),
+        };
+        let j = Journal {
+            path,
+            file: Mutex::new(file),
+            boot,
+            lock_timeout,
+        };
+        if j.generation().is_none() {
+            j.reset(false)?;
+        }
+        Ok(Some(j))
+    }
+
+    /// The journal's generation, when its header is one of this boot.
+    pub(crate) fn generation(&self) -> Option<[u8; 16]> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let b = read_at(&f, 0, JOURNAL_HEADER_LEN).ok()?;
+        fmt::decode_journal_header(&b)
+            .filter(|h| h.boot.same(&self.boot))
+            .map(|h| h.generation)
+    }
+
+    /// Starts the journal afresh with a new generation: when its header is not one of this
+    /// boot, or (`always`) when its frames are damaged. Under the exclusive lock, so no append
+    /// is cut; a header another process wrote meanwhile is kept unless `always`.
+    pub(crate) fn reset(&self, always: bool) -> Result<()> {
+        let path = &self.path;
+        let io = |op, e| Error::io(op, path, e);
+        let f = open_journal_file(path, false).map_err(|e| io("open", e))?;
+        if !lock_within(&f, false, self.lock_timeout).map_err(|e| io("lock", e))? {
+            return Err(crate::error::ErrorKind::Busy { path: path.clone() }.into());
+        }
+        let r = (|| {
+            if !always && self.generation().is_some() {
+                return Ok(());
+            }
+            let h = JournalHeader {
+                generation: *uuid::Uuid::new_v4().as_bytes(),
+                boot: self.boot,
+            };
+            f.set_len(0).map_err(|e| io("truncate", e))?;
+            (&f).write_all(&fmt::encode_journal_header(&h))
+                .map_err(|e| io("write", e))?;
+            tracing::debug!(path = %path.display(), "journal started afresh");
+            Ok(())
+        })();
+        let u = f.unlock().map_err(|e| io("unlock", e));
+        r.and(u)
+    }
+
+    fn append(&self, frame: &[u8]) -> Result<()> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let io = |op, e| Error::io(op, &self.path, e);
+        if !lock_within(&f, true, self.lock_timeout).map_err(|e| io("lock", e))? {
+            return Err(crate::error::ErrorKind::Busy {
+                path: self.path.clone(),
+            }
+            .into());
+        }
+        let r = (&*f).write_all(frame).map_err(|e| io("append", e));
+        let u = f.unlock().map_err(|e| io("unlock", e));
+        r.and(u)
+    }
+
+    /// Records that `id` may change now. Called under the transfer's lock, before the change.
+    /// When it cannot be recorded, the index is deleted (it is rebuilt from the directories
+    /// when next opened) so it never goes stale; only when that fails too does the change fail.
+    pub(crate) fn intent(&self, root: &Path, id: TransferId) -> Result<()> {
+        let Err(e) = self.append(&fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[])) else {
+            return Ok(());
+        };
+        let index = root.join(INDEX_FILE);
+        match std::fs::remove_file(&index) {
+            Ok(()) => {
+                tracing::warn!(transfer = %id, error = %e, "could not journal a change; the index was deleted and will be rebuilt");
+                Ok(())
+            }
+            Err(r) if r.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(_) => Err(e),
+        }
+    }
+
+    /// Records what `id` is after a change, under the same lock as its intent. A failure only
+    /// costs the index holder a read of the transfer's directory (the intent stands).
+    pub(crate) fn entry(&self, id: TransferId, body: &EntryBody) {
+        let payload = postcard::to_allocvec(body).unwrap_or_default();
+        let frame = fmt::encode_frame(fmt::TAG_ENTRY, id.as_bytes(), &payload);
+        if let Err(e) = self.append(&frame) {
+            tracing::warn!(transfer = %id, error = %e, "could not journal a change; the index holder will read the transfer instead");
+        }
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        f.metadata().map(|m| m.len())
+    }
+
+    fn read_from(&self, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        read_at(
+            &f,
+            off,
+            usize::try_from(len.saturating_sub(off)).unwrap_or(0),
+        )
+    }
+}
+
+/// What the journal's tail says about one transfer: its last frame wins.
+enum Last {
+    /// An entry, at this offset.
+    Entry(EntryBody, u64),
+    /// An intent with no entry after it, at this offset.
+    Intent(u64),
+}
+
+/// What reading a transfer's directory found.
+struct Reread {
+    record: Option<IndexRecord>,
+    /// False when a change may still be under way (its lock is held, or its create is not yet
+    /// renamed into place): the journal is not consumed past its intent.
+    settled: bool,
+}
+
+/// Reads one transfer's files as the index keeps them. Never follows symlinks (the paths are
+/// built from the id) and bounds every read.
+fn reread(root: &Path, id: TransferId) -> Reread {
+    let name = id.to_string();
+    let dir = root.join(TRANSFERS).join(&name);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            // Not a directory: kept as a record whose manifest is unreadable (corrupt).
+            return Reread {
+                record: Some(IndexRecord {
+                    id: *id.as_bytes(),
+                    resume: false,
+                    state: Vec::new(),
+                    manifest: Vec::new(),
+                }),
+                settled: true,
+            };
+        }
+        Err(_) => {
+            let creating = std::fs::symlink_metadata(root.join(STAGING).join(&name)).is_ok();
+            return Reread {
+                record: None,
+                settled: !creating,
+            };
+        }
+    }
+    let fs = crate::fs::Fs::default();
+    let mut settled = true;
+    let state_path = dir.join(STATE);
+    let state = match fs.open_read(&state_path) {
+        Ok(f) => {
+            settled = fs.try_lock(&f, &state_path).unwrap_or(false);
+            let bytes = fs.read_state_slots(&f, &state_path).unwrap_or_default();
+            newest_slot(&bytes)
+        }
+        Err(_) => Vec::new(),
+    };
+    let manifest = fs
+        .read_bounded(&dir.join(MANIFEST), crate::format::manifest::MAX_FILE)
+        .unwrap_or_default();
+    let resume = std::fs::symlink_metadata(dir.join(RESUME)).is_ok_and(|m| m.is_file());
+    Reread {
+        record: Some(IndexRecord {
+            id: *id.as_bytes(),
+            resume,
+            state,
+            manifest,
+        }),
+        settled,
+    }
+}
+
+/// The newest valid slot of a state file's bytes (header and body), or nothing.
+pub(crate) fn newest_slot(bytes: &[u8]) -> Vec<u8> {
+    let slots = state_fmt::decode_file(bytes);
+    let Some((i, _)) = slots.newest() else {
+        return Vec::new();
+    };
+    let region = bytes
+        .get(i * state_fmt::SLOT_CAPACITY..)
+        .unwrap_or_default();
+    let len = state_fmt::slot_len_hint(region).unwrap_or(0) + state_fmt::SLOT_HEADER_LEN;
+    region.get(..len).unwrap_or_default().to_vec()
+}
+
+/// The index, held open by this process.
+pub(crate) struct Index {
+    db: redb::Database,
+    path: PathBuf,
+    /// The index file's (device, inode) when opened: another file there means this one was
+    /// deleted (a process that could not journal a change does that).
+    ident: (u64, u64),
+}
+
+impl std::fmt::Debug for Index {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").field("path", &self.path).finish()
+    }
+}
+
+fn ident(path: &Path) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Every record the index holds, in id order (when listed), and the names that are not
+/// transfers as of the last rebuild.
+pub(crate) struct Listing {
+    pub(crate) records: Option<Vec<IndexRecord>>,
+    pub(crate) unknown: Vec<String>,
+}
+
+/// What [`Index::sync`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sync {
+    /// Return every record; write the changes into the index only when many have gathered.
+    List,
+    /// Write the changes into the index now (close, release, open); return no records.
+    Checkpoint,
+}
+
+impl Index {
+    /// Opens (or creates) the index. `Ok(None)` while another process holds it.
+    pub(crate) fn open(root: &Path) -> Result<Option<Index>> {
+        let path = root.join(INDEX_FILE);
+        for attempt in 0..2 {
+            match redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+            {
+                Ok(db) => {
+                    let ident = ident(&path).unwrap_or((0, 0));
+                    return Ok(Some(Index { db, path, ident }));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
+                Err(e) if attempt == 0 => {
+                    tracing::warn!(path = %path.display(), error = %e, "index unreadable; deleting it to rebuild");
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        return Err(Error::io("remove", &path, e));
+                    }
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        "open index",
+                        &path,
+                        std::io::Error::other(e.to_string()),
+                    ));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the file at the index's path is still the one this handle has open.
+    pub(crate) fn still_in_place(&self) -> bool {
+        ident(&self.path) == Some(self.ident)
+    }
+
+    fn meta(&self) -> std::result::Result<Option<IndexMeta>, redb::Error> {
+        let tx = self.db.begin_read()?;
+        let t = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(t.get(META_KEY)?.and_then(|v| fmt::decode_meta(v.value())))
+    }
+
+    /// The records of the chunks in `only` (all chunks when `None`), in id order; `None` when
+    /// a chunk is not one this build wrote.
+    fn read_chunks(
+        &self,
+        only: Option<&BTreeSet<u16>>,
+    ) -> std::result::Result<Option<Vec<IndexRecord>>, redb::Error> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(CHUNKS)?;
+        let mut out = Vec::new();
+        let mut take = |k: u16, v: &[u8]| -> bool {
+            let Ok(recs) = fmt::decode_chunk(v) else {
+                return false;
+            };
+            // Each chunk holds its own ids, sorted: anything else is not an index we wrote.
+            let ok = recs.is_sorted_by(|a, b| a.id < b.id)
+                && recs.iter().all(|r| fmt::chunk_of(&r.id) == k);
+            out.extend(recs);
+            ok
+        };
+        match only {
+            None => {
+                for e in t.iter()? {
+                    let (k, v) = e?;
+                    if !take(k.value(), v.value()) {
+                        return Ok(None);
+                    }
+                }
+            }
+            Some(set) => {
+                for &c in set {
+                    if let Some(v) = t.get(c)?
+                        && !take(c, v.value())
+                    {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Writes the chunks named in `dirty` from `records` (sorted by id), and the meta.
+    fn write(
+        &self,
+        records: &[IndexRecord],
+        dirty: Option<&BTreeSet<u16>>,
+        meta: &IndexMeta,
+    ) -> std::result::Result<(), redb::Error> {
+        let mut tx = self.db.begin_write()?;
+        // A killed holder then costs no full repair when the index is next opened.
+        tx.set_quick_repair(true);
+        {
+            let mut t = tx.open_table(CHUNKS)?;
+            if dirty.is_none() {
+                t.retain(|_, _| false)?;
+            }
+            let mut at = 0;
+            while at < records.len() {
+                let Some(first) = records.get(at) else { break };
+                let c = fmt::chunk_of(&first.id);
+                let n = records
+                    .get(at..)
+                    .unwrap_or_default()
+                    .iter()
+                    .take_while(|r| fmt::chunk_of(&r.id) == c)
+                    .count();
+                if dirty.is_none_or(|d| d.contains(&c)) {
+                    let part = records.get(at..at + n).unwrap_or_default();
+                    t.insert(c, fmt::encode_chunk(part).as_slice())?;
+                }
+                at += n;
+            }
+            // Chunks left with no records.
+            if let Some(d) = dirty {
+                for c in d {
+                    let present = records
+                        .binary_search_by(|r| fmt::chunk_of(&r.id).cmp(c))
+                        .is_ok();
+                    if !present {
+                        t.remove(*c)?;
+                    }
+                }
+            }
+            let mut m = tx.open_table(META)?;
+            m.insert(META_KEY, fmt::encode_meta(meta).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Brings the index up to date from the journal; with [`Sync::List`], returns every record.
+    /// Rebuilds it from the directories when it does not follow this journal (new, damaged,
+    /// from another boot). With [`Sync::Checkpoint`], or when the journal's unconsumed tail is
+    /// long, the changes are written into the index and a fully consumed long journal is cut
+    /// back.
+    pub(crate) fn sync(
+        &self,
+        root: &Path,
+        journal: &Journal,
+        mode: Sync,
+    ) -> std::result::Result<Listing, redb::Error> {
+        for _ in 0..2 {
+            if let Some(l) = self.sync_once(root, journal, mode)? {
+                return Ok(l);
+            }
+            // Damaged frames (or a header not of this boot): nothing after them can be trusted.
+            tracing::warn!(path = %journal.path.display(), "journal damaged; starting it afresh and rebuilding the index");
+            journal
+                .reset(true)
+                .map_err(|e| redb::Error::Io(std::io::Error::other(e.to_string())))?;
+        }
+        Err(redb::Error::Io(std::io::Error::other(
+            "the journal stays damaged",
+        )))
+    }
+
+    fn sync_once(
+        &self,
+        root: &Path,
+        journal: &Journal,
+        mode: Sync,
+    ) -> std::result::Result<Option<Listing>, redb::Error> {
+        let Some(generation) = journal.generation() else {
+            return Ok(None);
+        };
+        let mut meta = self
+            .meta()?
+            .filter(|m| m.generation == generation && m.consumed >= JOURNAL_HEADER_LEN as u64);
+        let end = journal.len().map_err(redb::Error::Io)?;
+        let tail = match &meta {
+            Some(m) => journal
+                .read_from(m.consumed, end)
+                .map_err(redb::Error::Io)?,
+            None => Vec::new(),
+        };
+        let base = meta.as_ref().map_or(0, |m| m.consumed);
+        let Some((mut last, mut parsed)) = parse_tail(&tail, base) else {
+            return Ok(None);
+        };
+        let mut dirty: BTreeSet<u16> = last.keys().map(fmt::chunk_of).collect();
+        let loaded = match (&meta, mode) {
+            (Some(_), Sync::List) => self.read_chunks(None)?,
+            (Some(_), Sync::Checkpoint) => self.read_chunks(Some(&dirty))?,
+            (None, _) => None,
+        };
+        let (mut records, rebuilt) = match (meta.as_ref(), loaded) {
+            (Some(_), Some(r)) => (r, false),
+            _ => {
+                // Every transfer the journal names is read again once the rest is read: its
+                // change may have been under way. The frames' contents are not used: the
+                // directories may have been changed behind the journal's back (which is one
+                // reason to rebuild).
+                let (records, unknown) = rebuild(root);
+                let tail = journal
+                    .read_from(JOURNAL_HEADER_LEN as u64, end)
+                    .map_err(redb::Error::Io)?;
+                let Some((l, p)) = parse_tail(&tail, JOURNAL_HEADER_LEN as u64) else {
+                    return Ok(None);
+                };
+                last = l
+                    .into_iter()
+                    .map(|(id, l)| match l {
+                        Last::Entry(_, at) | Last::Intent(at) => (id, Last::Intent(at)),
+                    })
+                    .collect();
+                parsed = p;
+                dirty.clear();
+                meta = Some(IndexMeta {
+                    generation,
+                    consumed: JOURNAL_HEADER_LEN as u64,
+                    unknown,
+                });
+                tracing::debug!(
+                    records = records.len(),
+                    "index rebuilt from the directories"
+                );
+                (records, true)
+            }
+        };
+        let Some(mut meta) = meta else {
+            return Ok(None);
+        };
+        let mut unsettled: Option<u64> = None;
+        let mut changed: HashMap<[u8; 16], Option<IndexRecord>> = HashMap::new();
+        for (id, l) in last {
+            let tid = TransferId::from_bytes(id);
+            let known = records.binary_search_by(|r| r.id.cmp(&id)).ok();
+            let rec = match l {
+                Last::Entry(body, _) => match (body.manifest, known.and_then(|i| records.get(i))) {
+                    (Some(manifest), _) => Some(IndexRecord {
+                        id,
+                        resume: body.resume,
+                        state: body.state,
+                        manifest,
+                    }),
+                    (None, Some(old)) => Some(IndexRecord {
+                        id,
+                        resume: body.resume,
+                        state: body.state,
+                        manifest: old.manifest.clone(),
+                    }),
+                    (None, None) => reread(root, tid).record,
+                },
+                Last::Intent(at) => {
+                    let r = reread(root, tid);
+                    if !r.settled {
+                        unsettled = Some(unsettled.map_or(at, |u| u.min(at)));
+                    }
+                    r.record
+                }
+            };
+            dirty.insert(fmt::chunk_of(&id));
+            changed.insert(id, rec);
+        }
+        if !changed.is_empty() {
+            records.retain(|r| !changed.contains_key(&r.id));
+            records.extend(changed.into_values().flatten());
+            records.sort_unstable_by_key(|r| r.id);
+        }
+        let consumed = unsettled.unwrap_or(parsed);
+        let write = rebuilt
+            || mode == Sync::Checkpoint
+            || parsed.saturating_sub(meta.consumed) >= CHECKPOINT_BYTES;
+        if write && (consumed != meta.consumed || rebuilt) {
+            meta.consumed = consumed;
+            self.write(&records, (!rebuilt).then_some(&dirty), &meta)?;
+        }
+        if write && consumed == end && end > COMPACT_BYTES {
+            self.compact(journal, end, &mut meta)?;
+        }
+        Ok(Some(Listing {
+            records: (mode == Sync::List).then_some(records),
+            unknown: meta.unknown,
+        }))
+    }
+
+    /// Cuts a fully consumed journal back to its header, unless a frame was appended since.
+    /// The index is told first: a crash in between only replays frames already applied.
+    fn compact(
+        &self,
+        journal: &Journal,
+        end: u64,
+        meta: &mut IndexMeta,
+    ) -> std::result::Result<(), redb::Error> {
+        let f = open_journal_file(&journal.path, false)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+        if f.metadata()?.len() == end {
+            meta.consumed = JOURNAL_HEADER_LEN as u64;
+            let mut tx = self.db.begin_write()?;
+            tx.set_quick_repair(true);
+            {
+                let mut m = tx.open_table(META)?;
+                m.insert(META_KEY, fmt::encode_meta(meta).as_slice())?;
+            }
+            tx.commit()?;
+            f.set_len(JOURNAL_HEADER_LEN as u64)?;
+            tracing::debug!(bytes = end, "journal compacted");
+        }
+        f.unlock()?;
+        Ok(())
+    }
+}
+
+/// Parses the journal tail starting at file offset `base`: the last frame per transfer, and
+/// the offset after the last whole frame. A frame still being appended (the bytes end before
+/// its header says it does) ends the tail; `None` when a whole frame is damaged.
+fn parse_tail(tail: &[u8], base: u64) -> Option<(HashMap<[u8; 16], Last>, u64)> {
+    let mut last = HashMap::new();
+    let mut at = 0usize;
+    while let Some((frame, n)) = tail.get(at..).and_then(fmt::decode_frame) {
+        match frame {
+            Frame::Intent(id) => {
+                last.insert(id, Last::Intent(base + at as u64));
+            }
+            Frame::Entry(id, body) => {
+                last.insert(id, Last::Entry(body, base + at as u64));
+            }
+        }
+        at += n;
+    }
+    let rest = tail.get(at..).unwrap_or_default();
+    if fmt::frame_len(rest).is_some_and(|n| n <= rest.len()) {
+        return None;
+    }
+    Some((last, base + at as u64))
+}
+
+/// Reads every transfer directory: the records in id order, and the names that are not
+/// transfers.
+fn rebuild(root: &Path) -> (Vec<IndexRecord>, Vec<String>) {
+    let mut records = Vec::new();
+    let mut unknown = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root.join(TRANSFERS)) else {
+        return (records, unknown);
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        match name.to_str().and_then(TransferId::parse_canonical) {
+            Some(id) => records.extend(reread(root, id).record),
+            None => unknown.push(name.to_string_lossy().into_owned()),
+        }
+    }
+    records.sort_unstable_by_key(|r| r.id);
+    unknown.sort();
+    (records, unknown)
+}
