@@ -174,6 +174,16 @@ impl Error {
         ErrorKind::Io { op, path, source }.into()
     }
 
+    /// The same error naming `path` as its file (decoders given no path name none).
+    pub(crate) fn with_path(mut self, path: &Path) -> Self {
+        if let ErrorKind::Corrupt { path: p, .. } | ErrorKind::UnsupportedVersion { path: p, .. } =
+            &mut *self.0
+        {
+            *p = path.to_path_buf();
+        }
+        self
+    }
+
     pub(crate) fn corrupt(path: &Path, detail: Corruption) -> Self {
         ErrorKind::Corrupt {
             path: path.to_path_buf(),

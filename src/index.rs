@@ -40,9 +40,15 @@ const META_KEY: &str = "meta";
 
 /// From this many journal bytes past the index's checkpoint, reading the index also writes the
 /// changes into it.
+#[cfg(not(test))]
 const CHECKPOINT_BYTES: u64 = 256 * 1024;
+#[cfg(test)]
+const CHECKPOINT_BYTES: u64 = 2 * 1024;
 /// A fully consumed journal longer than this is cut back to its header.
+#[cfg(not(test))]
 const COMPACT_BYTES: u64 = 1024 * 1024;
+#[cfg(test)]
+const COMPACT_BYTES: u64 = 4 * 1024;
 /// The index's page cache: its values are read once per reconcile, so a large cache only
 /// costs resident memory.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
@@ -380,13 +386,14 @@ pub(crate) struct Listing {
     pub(crate) unknown: Vec<String>,
 }
 
-/// What [`Index::sync`] is for.
+/// What [`Index::sync`] is for. Either way the index is rebuilt when it does not follow the
+/// journal, and the journal's changes are written into it once its unconsumed tail is long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sync {
-    /// Return every record; write the changes into the index only when many have gathered.
+    /// Return every record.
     List,
-    /// Write the changes into the index now (close, release, open); return no records.
-    Checkpoint,
+    /// Return no records (open, release, close).
+    Refresh,
 }
 
 impl Index {
@@ -394,10 +401,19 @@ impl Index {
     pub(crate) fn open(root: &Path) -> Result<Option<Index>> {
         let path = root.join(INDEX_FILE);
         for attempt in 0..2 {
-            match redb::Builder::new()
-                .set_cache_size(CACHE_BYTES)
-                .create(&path)
-            {
+            // redb asserts on some damaged files (a truncated one, for instance): a panic there
+            // is a damaged index like any other (with `panic = "abort"` it stays a crash).
+            let opened = std::panic::catch_unwind(|| {
+                redb::Builder::new()
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&path)
+            })
+            .unwrap_or_else(|_| {
+                Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+                    "redb panicked opening the index".into(),
+                )))
+            });
+            match opened {
                 Ok(db) => {
                     let ident = ident(&path).unwrap_or((0, 0));
                     return Ok(Some(Index { db, path, ident }));
@@ -528,9 +544,8 @@ impl Index {
 
     /// Brings the index up to date from the journal; with [`Sync::List`], returns every record.
     /// Rebuilds it from the directories when it does not follow this journal (new, damaged,
-    /// from another boot). With [`Sync::Checkpoint`], or when the journal's unconsumed tail is
-    /// long, the changes are written into the index and a fully consumed long journal is cut
-    /// back.
+    /// from another boot). When the journal's unconsumed tail is long, the changes are written
+    /// into the index and a fully consumed long journal is cut back.
     pub(crate) fn sync(
         &self,
         root: &Path,
@@ -538,7 +553,15 @@ impl Index {
         mode: Sync,
     ) -> std::result::Result<Listing, redb::Error> {
         for _ in 0..2 {
-            if let Some(l) = self.sync_once(root, journal, mode)? {
+            let once = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.sync_once(root, journal, mode)
+            }))
+            .unwrap_or_else(|_| {
+                Err(redb::Error::Corrupted(
+                    "redb panicked reading the index".into(),
+                ))
+            });
+            if let Some(l) = once? {
                 return Ok(l);
             }
             // Damaged frames (or a header not of this boot): nothing after them can be trusted.
@@ -575,10 +598,20 @@ impl Index {
         let Some((mut last, mut parsed)) = parse_tail(&tail, base) else {
             return Ok(None);
         };
+        let long = parsed.saturating_sub(base) >= CHECKPOINT_BYTES;
+        if let Some(m) = &meta
+            && mode == Sync::Refresh
+            && !long
+        {
+            return Ok(Some(Listing {
+                records: None,
+                unknown: m.unknown.clone(),
+            }));
+        }
         let mut dirty: BTreeSet<u16> = last.keys().map(fmt::chunk_of).collect();
         let loaded = match (&meta, mode) {
             (Some(_), Sync::List) => self.read_chunks(None)?,
-            (Some(_), Sync::Checkpoint) => self.read_chunks(Some(&dirty))?,
+            (Some(_), Sync::Refresh) => self.read_chunks(Some(&dirty))?,
             (None, _) => None,
         };
         let (mut records, rebuilt) = match (meta.as_ref(), loaded) {
@@ -656,9 +689,7 @@ impl Index {
             records.sort_unstable_by_key(|r| r.id);
         }
         let consumed = unsettled.unwrap_or(parsed);
-        let write = rebuilt
-            || mode == Sync::Checkpoint
-            || parsed.saturating_sub(meta.consumed) >= CHECKPOINT_BYTES;
+        let write = rebuilt || long;
         if write && (consumed != meta.consumed || rebuilt) {
             meta.consumed = consumed;
             self.write(&records, (!rebuilt).then_some(&dirty), &meta)?;
@@ -745,4 +776,254 @@ fn rebuild(root: &Path) -> (Vec<IndexRecord>, Vec<String>) {
     records.sort_unstable_by_key(|r| r.id);
     unknown.sort();
     (records, unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+
+    use super::*;
+    use crate::{
+        Durability, ErrorClass, Filter, NewTransfer, Store, TaskBinding, Transfer, UploadSource,
+    };
+
+    /// What the directories hold (the source of truth), beside what the holder lists.
+    fn assert_follows(holder: &Store, what: &str) {
+        let listed = holder.list(&Filter::all()).unwrap();
+        let truth: Vec<Transfer> = holder.scan().unwrap().transfers;
+        assert_eq!(listed, truth, "{what}");
+        for (t, resume) in holder.gather(true).unwrap().transfers {
+            let on_disk = holder.has_resume_data(t.id()).unwrap();
+            assert_eq!(resume, on_disk, "{what}: resume flag of {}", t.id());
+        }
+    }
+
+    fn ids(n: usize, s: &Store) -> Vec<crate::TransferId> {
+        (0..n)
+            .map(|i| {
+                let t = if i % 3 == 0 {
+                    NewTransfer::upload(format!("https://x/u{i}"), UploadSource::Bytes(vec![7; 10]))
+                } else {
+                    NewTransfer::download(format!("https://x/d{i}"))
+                };
+                s.create(t).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_index_follows_changes_from_a_handle_that_does_not_hold_it() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = Store::open(d.path()).unwrap();
+        let other = Store::builder().index(false).open(d.path()).unwrap();
+        assert!(
+            holder.held.lock().unwrap().is_some(),
+            "the first handle holds the index"
+        );
+        let mut all = ids(6, &holder);
+        all.extend(ids(6, &other));
+        all.extend(
+            other
+                .create_batch(
+                    (0..20)
+                        .map(|i| NewTransfer::download(format!("https://x/b{i}")))
+                        .collect(),
+                )
+                .unwrap(),
+        );
+        assert_follows(&holder, "creates");
+        let src = d.path().join("done.bin");
+        for (i, id) in all.iter().copied().enumerate() {
+            // Every other change comes from the handle that does not hold the index.
+            let s = if i % 2 == 0 { &other } else { &holder };
+            let download = s.get(id).unwrap().manifest.kind == crate::Kind::Download;
+            let b = TaskBinding {
+                session: crate::DEFAULT_SESSION.into(),
+                task_id: i as u64 + 1,
+                tag: Some(id.to_string()),
+            };
+            let step = match i % 7 {
+                0 => s.bind(id, b).map(|_| ()),
+                1 => s.progress(id, 5, Some(10), Durability::Immediate),
+                2 => s.complete(id, Some(200)).map(|_| ()),
+                3 => s.fail(id, ErrorClass::Transient, "timeout").map(|_| ()),
+                4 => s.cancel(id).map(|_| ()),
+                5 => s.remove(id),
+                _ if download => s.store_resume_data(id, b"resume"),
+                _ => s.complete(id, None).map(|_| ()),
+            };
+            step.unwrap();
+            if i % 5 == 0 && download && i % 7 == 6 {
+                std::fs::write(&src, b"body").unwrap();
+                s.accept_download(id, &src).unwrap();
+            }
+            if i % 4 == 0 {
+                // Acknowledged outcomes purge the record.
+                let _ = s.acknowledge(id);
+            }
+            assert_follows(&holder, &format!("step {i}"));
+            if i % 9 == 0 {
+                assert!(holder.release_index());
+            }
+        }
+        drop(holder);
+        drop(other);
+        let again = Store::open(d.path()).unwrap();
+        assert_follows(&again, "reopened");
+    }
+
+    /// The journal's frames: (offset, length).
+    fn frames(root: &Path) -> Vec<(usize, usize)> {
+        let b = std::fs::read(root.join(JOURNAL_FILE)).unwrap();
+        let mut at = JOURNAL_HEADER_LEN;
+        let mut out = Vec::new();
+        while let Some((_, n)) = b.get(at..).and_then(fmt::decode_frame) {
+            out.push((at, n));
+            at += n;
+        }
+        assert_eq!(at, b.len(), "the journal parses to its end");
+        out
+    }
+
+    #[test]
+    fn a_change_killed_before_its_entry_is_read_from_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = Store::open(d.path()).unwrap();
+        let id = ids(1, &holder)[0];
+        holder.list(&Filter::all()).unwrap();
+        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let before = frames(d.path()).len();
+        let b = TaskBinding {
+            session: crate::DEFAULT_SESSION.into(),
+            task_id: 9,
+            tag: None,
+        };
+        other.bind(id, b.clone()).unwrap();
+        let f = frames(d.path());
+        assert_eq!(f.len(), before + 2, "an intent and an entry");
+        // The process died after writing the state and before journaling the entry.
+        let (last_at, _) = f[f.len() - 1];
+        let j = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(JOURNAL_FILE))
+            .unwrap();
+        j.set_len(last_at as u64).unwrap();
+        let t = holder.list(&Filter::all()).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].state.binding, Some(b));
+        assert_follows(&holder, "after the lost entry");
+    }
+
+    #[test]
+    fn a_deleted_or_damaged_index_is_rebuilt_from_the_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        ids(5, &s);
+        let want = s.list(&Filter::all()).unwrap();
+        drop(s);
+        let index = d.path().join(INDEX_FILE);
+        for damage in ["garbage", "truncated", "deleted"] {
+            match damage {
+                "garbage" => std::fs::write(&index, vec![0x5a; 64 * 1024]).unwrap(),
+                "truncated" => {
+                    let b = std::fs::read(&index).unwrap();
+                    std::fs::write(&index, &b[..b.len() / 3]).unwrap();
+                }
+                _ => std::fs::remove_file(&index).unwrap(),
+            }
+            let s = Store::open(d.path()).unwrap();
+            assert_eq!(s.list(&Filter::all()).unwrap(), want, "{damage}");
+            drop(s);
+        }
+    }
+
+    /// Rewrites the journal's header as another boot wrote it, keeping its frames.
+    fn from_another_boot(root: &Path) {
+        let p = root.join(JOURNAL_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        let mut h = fmt::decode_journal_header(&b).unwrap();
+        h.boot = Boot::Id([0xee; 16]);
+        b[..JOURNAL_HEADER_LEN].copy_from_slice(&fmt::encode_journal_header(&h));
+        std::fs::write(&p, b).unwrap();
+    }
+
+    #[test]
+    fn a_journal_from_another_boot_is_never_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let all = ids(4, &s);
+        drop(s);
+        // Lost in the power cut: a removal whose journal frames never reached the disk. Only
+        // a rebuild from the directories can know.
+        std::fs::rename(
+            d.path().join(TRANSFERS).join(all[0].to_string()),
+            d.path().join("trash").join(all[0].to_string()),
+        )
+        .unwrap();
+        from_another_boot(d.path());
+        let s = Store::open(d.path()).unwrap();
+        let listed: Vec<_> = s
+            .list(&Filter::all())
+            .unwrap()
+            .iter()
+            .map(Transfer::id)
+            .collect();
+        assert_eq!(listed.len(), 3);
+        assert!(!listed.contains(&all[0]));
+        assert_eq!(frames(d.path()).len(), 0, "the journal started afresh");
+        let h = fmt::decode_journal_header(&std::fs::read(d.path().join(JOURNAL_FILE)).unwrap());
+        assert!(h.is_some_and(|h| h.boot.same(&current_boot().unwrap())));
+    }
+
+    #[test]
+    fn a_damaged_frame_restarts_the_journal_and_rebuilds_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = Store::open(d.path()).unwrap();
+        let all = ids(3, &holder);
+        holder.list(&Filter::all()).unwrap();
+        let other = Store::builder().index(false).open(d.path()).unwrap();
+        for id in &all {
+            other.progress(*id, 1, None, Durability::Immediate).unwrap();
+        }
+        let f = frames(d.path());
+        let (at, _) = f[f.len() / 2];
+        let p = d.path().join(JOURNAL_FILE);
+        let mut b = std::fs::read(&p).unwrap();
+        b[at + 10] ^= 0x01;
+        std::fs::write(&p, &b).unwrap();
+        let generation = fmt::decode_journal_header(&b).unwrap().generation;
+        assert_follows(&holder, "after the damaged frame");
+        let now = fmt::decode_journal_header(&std::fs::read(&p).unwrap()).unwrap();
+        assert_ne!(now.generation, generation, "a new journal");
+        // And the index keeps following it.
+        other
+            .progress(all[0], 2, None, Durability::Immediate)
+            .unwrap();
+        assert_follows(&holder, "after the restart");
+    }
+
+    #[test]
+    fn a_consumed_journal_is_cut_back_and_the_index_still_follows() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = Store::open(d.path()).unwrap();
+        let all = ids(4, &holder);
+        let other = Store::builder().index(false).open(d.path()).unwrap();
+        for i in 0..40u64 {
+            other
+                .progress(all[(i % 4) as usize], i, None, Durability::Immediate)
+                .unwrap();
+        }
+        let p = d.path().join(JOURNAL_FILE);
+        assert!(std::fs::metadata(&p).unwrap().len() > COMPACT_BYTES);
+        assert!(holder.release_index());
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            JOURNAL_HEADER_LEN as u64
+        );
+        other
+            .progress(all[1], 99, None, Durability::Immediate)
+            .unwrap();
+        assert_follows(&holder, "after compaction");
+        assert_eq!(holder.get(all[1]).unwrap().state.bytes_done, 99);
+    }
 }

@@ -350,7 +350,7 @@ pub struct Store {
     cfg: StoreBuilder,
     index: Mutex<TaskIndex>,
     /// The derived index, while this handle holds it.
-    held: Mutex<Option<crate::index::Index>>,
+    pub(crate) held: Mutex<Option<crate::index::Index>>,
     report: OpenReport,
     /// Started at the first coalesced report (`None` inside when it could not start).
     flusher: std::sync::OnceLock<Option<Flusher>>,
@@ -885,18 +885,28 @@ impl Store {
             fs.sync_dir(parent)?;
         }
         let format_path = root.join(FORMAT_FILE);
+        // Write to a unique temporary name, sync, then rename: racing creators write identical
+        // bytes, so whichever rename lands last changes nothing.
+        let write_format = || -> Result<()> {
+            let tmp = root.join(format!("FORMAT.tmp-{}", TransferId::new_v4()));
+            let f = fs.create_new(&tmp)?;
+            fs.write_all(&f, &tmp, &format::encode_store_format())?;
+            fs.sync_data(&f, &tmp)?;
+            fs.rename(&tmp, &format_path)
+        };
         match fs.read_bounded(&format_path, format::STORE_FORMAT_LEN as u64 * 4) {
             Ok(bytes) => {
-                format::decode_store_format(&format_path, &bytes)?;
+                let found = format::decode_store_format(&format_path, &bytes)?;
+                if found < format::FORMAT_VERSION && cfg.create {
+                    // Format 2 adds the journal, which a format-1 build would not write to:
+                    // from now on, such builds refuse this store (FORMAT.md §5).
+                    write_format()?;
+                    fs.sync_dir(root)?;
+                    tracing::info!(root = %root.display(), from = found, to = format::FORMAT_VERSION, "store format upgraded");
+                }
             }
             Err(e) if e.is_not_found_io() => {
-                // Write to a unique temporary name, sync, then rename: racing creators write
-                // identical bytes, so whichever rename lands last changes nothing.
-                let tmp = root.join(format!("FORMAT.tmp-{}", TransferId::new_v4()));
-                let f = fs.create_new(&tmp)?;
-                fs.write_all(&f, &tmp, &format::encode_store_format())?;
-                fs.sync_data(&f, &tmp)?;
-                fs.rename(&tmp, &format_path)?;
+                write_format()?;
                 report.created = true;
                 tracing::debug!(root = %root.display(), "created store");
             }
@@ -954,7 +964,7 @@ impl Store {
             store.report.staging_live = d.staging_live;
             store.report.trash_cleared = d.trash_cleared;
         }
-        match store.index_sync(crate::index::Sync::Checkpoint) {
+        match store.index_sync(crate::index::Sync::Refresh) {
             Some(l) => {
                 let transfers = store.dir(TRANSFERS);
                 store.report.unknown_entries =
@@ -2063,21 +2073,43 @@ impl Store {
         })
     }
 
-    /// Decodes the index's records as [`Store::scan`] would read the directories.
+    /// Decodes the index's records as [`Store::scan`] would read the directories; a large
+    /// store on two threads (each record decodes on its own).
     fn decode_indexed(&self, records: Vec<crate::format::index::IndexRecord>) -> Gathered {
+        const PARALLEL_FROM: usize = 16_384;
+        if records.len() < PARALLEL_FROM {
+            return self.decode_part(&records);
+        }
+        let (a, b) = records.split_at(records.len() / 2);
+        std::thread::scope(|s| {
+            let h = std::thread::Builder::new()
+                .name("waybill-decode".into())
+                .spawn_scoped(s, || self.decode_part(b));
+            let mut first = self.decode_part(a);
+            let rest = match h {
+                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(_) => self.decode_part(b),
+            };
+            first.transfers.extend(rest.transfers);
+            first.corrupt.extend(rest.corrupt);
+            first
+        })
+    }
+
+    fn decode_part(&self, records: &[crate::format::index::IndexRecord]) -> Gathered {
         let mut out = Gathered {
             transfers: Vec::with_capacity(records.len()),
             corrupt: Vec::new(),
         };
         for r in records {
             let id = TransferId::from_bytes(r.id);
-            let path = self.transfer_dir(id).join(MANIFEST);
-            let m = manifest::decode(&path, &r.manifest).and_then(|m| {
+            // The path only names the file in an error: built when there is one.
+            let m = manifest::decode(Path::new(""), &r.manifest).and_then(|m| {
                 if m.id == id {
                     Ok(m)
                 } else {
                     Err(Error::corrupt(
-                        &path,
+                        Path::new(""),
                         Corruption::IdMismatch {
                             expected: id,
                             found: m.id,
@@ -2085,6 +2117,7 @@ impl Store {
                     ))
                 }
             });
+            let m = m.map_err(|e| e.with_path(&self.transfer_dir(id).join(MANIFEST)));
             let manifest = match m {
                 Ok(m) => m,
                 Err(e) => {
@@ -2137,10 +2170,10 @@ impl Store {
         }
     }
 
-    /// Writes what the journal gathered into the index and closes it, so another process can
-    /// hold it. Call it before the app is suspended (iOS ends a suspended app that holds a
-    /// file lock in a shared container). Cheap when nothing changed; the index is reopened
-    /// when next needed. Returns whether this handle held it.
+    /// Closes the index, so another process can hold it. Call it before the app is suspended
+    /// (iOS ends a suspended app that holds a file lock in a shared container). Cheap: the
+    /// changes the journal gathered are written into the index first only when many have
+    /// gathered. The index is reopened when next needed. Returns whether this handle held it.
     ///
     /// ```
     /// # fn main() -> Result<(), waybill::Error> {
@@ -2159,7 +2192,7 @@ impl Store {
             return false;
         };
         if let Some(j) = &self.core.journal
-            && let Err(e) = index.sync(&self.core.root, j, crate::index::Sync::Checkpoint)
+            && let Err(e) = index.sync(&self.core.root, j, crate::index::Sync::Refresh)
         {
             tracing::warn!(error = %e, "index not brought up to date before release");
         }

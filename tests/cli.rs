@@ -601,7 +601,7 @@ fn a_store_of_a_newer_format_is_refused_by_every_command() {
     let (dir, root, r) = store();
     let id = ok(&["create", &r, "--download", "https://cdn.example/a"]);
     let mut b = std::fs::read(root.join("FORMAT")).unwrap();
-    b[8..10].copy_from_slice(&2u16.to_le_bytes());
+    b[8..10].copy_from_slice(&(waybill::FORMAT_VERSION + 1).to_le_bytes());
     let crc = crc32fast::hash(&b[..12]);
     b[12..16].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(root.join("FORMAT"), &b).unwrap();
@@ -625,7 +625,10 @@ fn a_store_of_a_newer_format_is_refused_by_every_command() {
         vec!["reset", &r, "--tasks", t, "--all-sessions", "--apply"],
     ] {
         let msg = refused(&root, &args, 1);
-        assert!(msg.contains("version 2"), "{args:?}: {msg}");
+        assert!(
+            msg.contains(&format!("version {}", waybill::FORMAT_VERSION + 1)),
+            "{args:?}: {msg}"
+        );
     }
 }
 

@@ -188,7 +188,7 @@ fn newer_format_version_is_refused() -> TestResult {
             err.kind(),
             waybill::ErrorKind::UnsupportedVersion {
                 found: 999,
-                supported: 1,
+                supported: waybill::FORMAT_VERSION,
                 ..
             }
         ),

@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::error::{Corruption, Error, ErrorKind, Result};
 
 /// The format version this build writes, and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Magic at the start of the store's `FORMAT` file.
 pub(crate) const STORE_MAGIC: [u8; 8] = *b"waybill\n";
