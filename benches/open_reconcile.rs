@@ -15,6 +15,10 @@
 //! aborts without closing it; reopening then runs redb's repair. Measured with redb's default
 //! commits and with quick-repair commits, whose commit cost is measured too.
 //!
+//! waybill after a crash: a child process opens the store (holding its index), makes 1,000
+//! durable progress updates and aborts without closing it; the next open + reconcile reads
+//! the index and the 1,000 changes from the journal. A fresh kill before every run.
+//!
 //! Environment: `WAYBILL_SIZES` (default `1000,10000,100000`), `WAYBILL_RUNS` (3),
 //! `WAYBILL_BENCH_DIR` (scratch directory; default the system temporary directory),
 //! `WAYBILL_SVG` (write the plot of warm and cold times against N to this path),
@@ -41,6 +45,33 @@ const TABLE: redb::TableDefinition<&[u8; 16], &[u8]> = redb::TableDefinition::ne
 const CHILD: &str = "WAYBILL_BENCH_REDB_CRASH_CHILD";
 const CHANGED: usize = 1000;
 const RSS_CHILD: &str = "WAYBILL_BENCH_RSS_CHILD";
+const KILL_CHILD: &str = "WAYBILL_BENCH_KILL_CHILD";
+
+/// The child: holds the store's index, changes `CHANGED` records durably, then dies without
+/// closing the store.
+fn kill_child(path: &Path) -> ! {
+    let store = Store::open(path).unwrap();
+    let all = store.list(&waybill::Filter::all()).unwrap();
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for t in all.iter().take(CHANGED) {
+        store
+            .progress(t.id(), stamp, None, waybill::Durability::Immediate)
+            .unwrap();
+    }
+    std::process::abort();
+}
+
+/// Kills a waybill store's holder mid-life as the child above.
+fn crash_waybill(store: &Path) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env(KILL_CHILD, store)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child must die, not exit");
+}
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -302,6 +333,9 @@ fn main() {
         drop(store);
         return;
     }
+    if let Some(p) = std::env::var_os(KILL_CHILD) {
+        kill_child(Path::new(&p));
+    }
     if let Some(p) = std::env::var_os(CHILD) {
         crash_child(
             Path::new(&p),
@@ -383,6 +417,30 @@ fn main() {
         if rss_only {
             rss_per_record(&d, n);
             continue;
+        }
+        // waybill after a killed holder changed CHANGED records.
+        {
+            let one = |cold: bool| {
+                crash_waybill(&d.store);
+                if cold && !drop_caches() {
+                    return None;
+                }
+                Some(timed(|| waybill(&d), n).as_secs_f64())
+            };
+            let mut warm: Vec<f64> = (0..runs).filter_map(|_| one(false)).collect();
+            let mut cold: Vec<f64> = if can_drop {
+                (0..runs).filter_map(|_| one(true)).collect()
+            } else {
+                Vec::new()
+            };
+            let secs = |v: &mut Vec<f64>| {
+                (!v.is_empty()).then(|| Duration::from_secs_f64(common::median(v)))
+            };
+            rows.push((
+                "waybill after kill, 1,000 changed",
+                secs(&mut warm),
+                secs(&mut cold),
+            ));
         }
         let sqlite_warm = rows[1].1.unwrap();
         let sqlite_cold = rows[1].2;

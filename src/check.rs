@@ -440,6 +440,12 @@ impl Store {
             Err(e) if e.is_not_found_io() => return Ok(None),
             Err(e) => return Err(e),
         }
+        if _held.is_some()
+            && let (Some(j), Some(id)) =
+                (&self.core.journal, parent.file_name().and_then(canonical))
+        {
+            j.after(self.root(), id);
+        }
         self.core.fs.sync_dir(&self.dir(QUARANTINE))?;
         self.core.fs.sync_dir(parent)?;
         tracing::warn!(from = %path.display(), to = %to.display(), "moved a stray entry aside");

@@ -153,7 +153,7 @@ impl Meta {
         std::time::UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
     }
 
-    fn from_std(m: &fs::Metadata) -> Meta {
+    pub(crate) fn from_std(m: &fs::Metadata) -> Meta {
         let ft = m.file_type();
         let kind = if ft.is_symlink() {
             EntryType::Symlink

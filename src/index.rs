@@ -1,4 +1,4 @@
-//! The derived index (FORMAT.md §6): `index.redb` keeps every transfer's manifest and newest
+//! The derived index (FORMAT.md §2.6, §2.7, §3.8): `index.redb` keeps every transfer's manifest and newest
 //! state slot in a few large values, so opening and reconciling a large store reads one file
 //! instead of every transfer directory. The directories stay the source of truth.
 //!
@@ -49,6 +49,8 @@ const CHECKPOINT_BYTES: u64 = 2 * 1024;
 const COMPACT_BYTES: u64 = 1024 * 1024;
 #[cfg(test)]
 const COMPACT_BYTES: u64 = 4 * 1024;
+/// A journal longer than this is started afresh (and the index rebuilt) rather than read.
+const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// The index's page cache: its values are read once per reconcile, so a large cache only
 /// costs resident memory.
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
@@ -167,19 +169,27 @@ impl Journal {
             boot,
             lock_timeout,
         };
-        if j.generation().is_none() {
+        if !j.of_this_boot() {
             j.reset(false)?;
         }
         Ok(Some(j))
     }
 
-    /// The journal's generation, when its header is one of this boot.
+    /// The journal's generation, when its header is whole. The boot is checked once, when a
+    /// process opens the journal: a wall-clock step while it runs must not look like a reboot.
     pub(crate) fn generation(&self) -> Option<[u8; 16]> {
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let b = read_at(&f, 0, JOURNAL_HEADER_LEN).ok()?;
-        fmt::decode_journal_header(&b)
-            .filter(|h| h.boot.same(&self.boot))
-            .map(|h| h.generation)
+        fmt::decode_journal_header(&b).map(|h| h.generation)
+    }
+
+    /// Whether the header is of this boot (checked when a process opens the journal).
+    fn of_this_boot(&self) -> bool {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        read_at(&f, 0, JOURNAL_HEADER_LEN)
+            .ok()
+            .and_then(|b| fmt::decode_journal_header(&b))
+            .is_some_and(|h| h.boot.same(&self.boot))
     }
 
     /// Starts the journal afresh with a new generation: when its header is not one of this
@@ -193,7 +203,7 @@ impl Journal {
             return Err(crate::error::ErrorKind::Busy { path: path.clone() }.into());
         }
         let r = (|| {
-            if !always && self.generation().is_some() {
+            if !always && self.of_this_boot() {
                 return Ok(());
             }
             let h = JournalHeader {
@@ -242,6 +252,17 @@ impl Journal {
         }
     }
 
+    /// Records that `id` changed, after a change that journals no entry (a rename out of
+    /// `transfers/`, files removed), still under its lock: the holder reads the directory again
+    /// even when the intent before the change was consumed (or cut by a reset) mid-change.
+    /// When it cannot be recorded, the index is deleted.
+    pub(crate) fn after(&self, root: &Path, id: TransferId) {
+        if let Err(e) = self.append(&fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[])) {
+            tracing::warn!(transfer = %id, error = %e, "could not journal a change; deleting the index so it is rebuilt");
+            let _ = std::fs::remove_file(root.join(INDEX_FILE));
+        }
+    }
+
     /// Records what `id` is after a change, under the same lock as its intent. A failure only
     /// costs the index holder a read of the transfer's directory (the intent stands).
     pub(crate) fn entry(&self, id: TransferId, body: &EntryBody) {
@@ -283,49 +304,76 @@ struct Reread {
     settled: bool,
 }
 
-/// Reads one transfer's files as the index keeps them. Never follows symlinks (the paths are
-/// built from the id) and bounds every read.
-fn reread(root: &Path, id: TransferId) -> Reread {
+/// Reads one transfer's files as the index keeps them, as [`crate::Store::scan`] classifies
+/// them: a directory whose manifest or state cannot be read as a file is a record with an
+/// unreadable (corrupt) manifest; anything under its name that is not a directory is not a
+/// record. Never follows symlinks (the paths are built from the id; files open `O_NOFOLLOW`)
+/// and bounds every read. I/O errors other than "not found" are errors.
+fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
+    use std::io::ErrorKind::NotFound;
     let name = id.to_string();
     let dir = root.join(TRANSFERS).join(&name);
-    match std::fs::symlink_metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => {
-            // Not a directory: kept as a record whose manifest is unreadable (corrupt).
-            return Reread {
-                record: Some(IndexRecord {
-                    id: *id.as_bytes(),
-                    resume: false,
-                    state: Vec::new(),
-                    manifest: Vec::new(),
-                }),
-                settled: true,
+    let gone = |settled| {
+        Ok(Reread {
+            record: None,
+            settled,
+        })
+    };
+    let before = match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => m,
+        Ok(_) => return gone(true),
+        Err(e) if e.kind() == NotFound => {
+            // A create not yet renamed into place: its builder holds `staging/<id>/state`
+            // locked from before its intent until after its entry.
+            let st = root.join(STAGING).join(&name).join(STATE);
+            let building = match open_no_follow(&st) {
+                Ok(f) => match f.try_lock() {
+                    Ok(()) => false,
+                    Err(std::fs::TryLockError::WouldBlock) => true,
+                    Err(std::fs::TryLockError::Error(e)) => return Err(e),
+                },
+                Err(e) if e.kind() == NotFound => false,
+                Err(e) if e.raw_os_error() == Some(libc_eloop()) => false,
+                Err(e) => return Err(e),
             };
+            return gone(!building);
         }
-        Err(_) => {
-            let creating = std::fs::symlink_metadata(root.join(STAGING).join(&name)).is_ok();
-            return Reread {
-                record: None,
-                settled: !creating,
-            };
-        }
-    }
+        Err(e) => return Err(e),
+    };
     let fs = crate::fs::Fs::default();
-    let mut settled = true;
+    let as_io = |e: Error| std::io::Error::other(e.to_string());
     let state_path = dir.join(STATE);
+    let mut settled = true;
     let state = match fs.open_read(&state_path) {
         Ok(f) => {
-            settled = fs.try_lock(&f, &state_path).unwrap_or(false);
-            let bytes = fs.read_state_slots(&f, &state_path).unwrap_or_default();
-            newest_slot(&bytes)
+            settled = fs.try_lock(&f, &state_path).map_err(as_io)?;
+            newest_slot(&fs.read_state_slots(&f, &state_path).map_err(as_io)?)
         }
-        Err(_) => Vec::new(),
+        Err(e) if e.is_corrupt() => Vec::new(),
+        Err(e) if e.is_not_found_io() => Vec::new(),
+        Err(e) => return Err(as_io(e)),
     };
-    let manifest = fs
-        .read_bounded(&dir.join(MANIFEST), crate::format::manifest::MAX_FILE)
-        .unwrap_or_default();
-    let resume = std::fs::symlink_metadata(dir.join(RESUME)).is_ok_and(|m| m.is_file());
-    Reread {
+    // Moved away meanwhile (a removal, under its lock): read again after the change.
+    if !crate::fs::Fs::default()
+        .same_entry(&dir, &crate::fs::Meta::from_std(&before))
+        .map_err(as_io)?
+    {
+        return gone(false);
+    }
+    let manifest = match fs.read_bounded(&dir.join(MANIFEST), crate::format::manifest::MAX_FILE) {
+        Ok(b) => b,
+        Err(e) if e.is_corrupt() || e.is_not_found_io() => Vec::new(),
+        Err(e) => return Err(as_io(e)),
+    };
+    let download = crate::format::manifest::decode(Path::new(""), &manifest)
+        .is_ok_and(|m| m.kind == crate::Kind::Download);
+    let resume = download
+        && match std::fs::symlink_metadata(dir.join(RESUME)) {
+            Ok(m) => m.is_file(),
+            Err(e) if e.kind() == NotFound => false,
+            Err(e) => return Err(e),
+        };
+    Ok(Reread {
         record: Some(IndexRecord {
             id: *id.as_bytes(),
             resume,
@@ -333,6 +381,28 @@ fn reread(root: &Path, id: TransferId) -> Reread {
             manifest,
         }),
         settled,
+    })
+}
+
+fn open_no_follow(path: &Path) -> std::io::Result<File> {
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        oo.custom_flags(libc::O_NOFOLLOW);
+    }
+    oo.open(path)
+}
+
+fn libc_eloop() -> i32 {
+    #[cfg(unix)]
+    {
+        libc::ELOOP
+    }
+    #[cfg(not(unix))]
+    {
+        -1
     }
 }
 
@@ -400,6 +470,11 @@ impl Index {
     /// Opens (or creates) the index. `Ok(None)` while another process holds it.
     pub(crate) fn open(root: &Path) -> Result<Option<Index>> {
         let path = root.join(INDEX_FILE);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            // redb would follow a symlink; the index is only ever a file of ours.
+            tracing::warn!(path = %path.display(), "index is not a regular file; removing it");
+            std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+        }
         for attempt in 0..2 {
             // redb asserts on some damaged files (a truncated one, for instance): a panic there
             // is a damaged index like any other (with `panic = "abort"` it stays a crash).
@@ -584,10 +659,15 @@ impl Index {
         let Some(generation) = journal.generation() else {
             return Ok(None);
         };
-        let mut meta = self
-            .meta()?
-            .filter(|m| m.generation == generation && m.consumed >= JOURNAL_HEADER_LEN as u64);
         let end = journal.len().map_err(redb::Error::Io)?;
+        if end > MAX_JOURNAL_BYTES {
+            // Far longer than any holder lets it grow (none held the index for a long time, or
+            // someone inflated it): cheaper to start afresh and read the directories.
+            return Ok(None);
+        }
+        let mut meta = self.meta()?.filter(|m| {
+            m.generation == generation && (JOURNAL_HEADER_LEN as u64..=end).contains(&m.consumed)
+        });
         let tail = match &meta {
             Some(m) => journal
                 .read_from(m.consumed, end)
@@ -621,7 +701,7 @@ impl Index {
                 // change may have been under way. The frames' contents are not used: the
                 // directories may have been changed behind the journal's back (which is one
                 // reason to rebuild).
-                let (records, unknown) = rebuild(root);
+                let (records, unknown) = rebuild(root)?;
                 let tail = journal
                     .read_from(JOURNAL_HEADER_LEN as u64, end)
                     .map_err(redb::Error::Io)?;
@@ -670,10 +750,10 @@ impl Index {
                         state: body.state,
                         manifest: old.manifest.clone(),
                     }),
-                    (None, None) => reread(root, tid).record,
+                    (None, None) => reread(root, tid)?.record,
                 },
                 Last::Intent(at) => {
-                    let r = reread(root, tid);
+                    let r = reread(root, tid)?;
                     if !r.settled {
                         unsettled = Some(unsettled.map_or(at, |u| u.min(at)));
                     }
@@ -717,7 +797,12 @@ impl Index {
             Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
             Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
         }
-        if f.metadata()?.len() == end {
+        // Appenders wait on this lock: it covers the check and the cut, never a sync. A crash
+        // before the commit below leaves `consumed` past the cut journal's frames, which makes
+        // the next holder rebuild.
+        let cut = f.metadata()?.len() == end && f.set_len(JOURNAL_HEADER_LEN as u64).is_ok();
+        f.unlock()?;
+        if cut {
             meta.consumed = JOURNAL_HEADER_LEN as u64;
             let mut tx = self.db.begin_write()?;
             tx.set_quick_repair(true);
@@ -726,10 +811,8 @@ impl Index {
                 m.insert(META_KEY, fmt::encode_meta(meta).as_slice())?;
             }
             tx.commit()?;
-            f.set_len(JOURNAL_HEADER_LEN as u64)?;
             tracing::debug!(bytes = end, "journal compacted");
         }
-        f.unlock()?;
         Ok(())
     }
 }
@@ -759,23 +842,22 @@ fn parse_tail(tail: &[u8], base: u64) -> Option<(HashMap<[u8; 16], Last>, u64)> 
 }
 
 /// Reads every transfer directory: the records in id order, and the names that are not
-/// transfers.
-fn rebuild(root: &Path) -> (Vec<IndexRecord>, Vec<String>) {
+/// transfers (not a canonical id, or not a directory), as [`crate::Store::scan`] sorts them.
+fn rebuild(root: &Path) -> std::io::Result<(Vec<IndexRecord>, Vec<String>)> {
     let mut records = Vec::new();
     let mut unknown = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root.join(TRANSFERS)) else {
-        return (records, unknown);
-    };
-    for e in rd.flatten() {
+    for e in std::fs::read_dir(root.join(TRANSFERS))? {
+        let e = e?;
         let name = e.file_name();
+        let dir = e.file_type()?.is_dir();
         match name.to_str().and_then(TransferId::parse_canonical) {
-            Some(id) => records.extend(reread(root, id).record),
-            None => unknown.push(name.to_string_lossy().into_owned()),
+            Some(id) if dir => records.extend(reread(root, id)?.record),
+            _ => unknown.push(name.to_string_lossy().into_owned()),
         }
     }
     records.sort_unstable_by_key(|r| r.id);
     unknown.sort();
-    (records, unknown)
+    Ok((records, unknown))
 }
 
 #[cfg(test)]

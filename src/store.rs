@@ -894,9 +894,13 @@ impl Store {
             fs.sync_data(&f, &tmp)?;
             fs.rename(&tmp, &format_path)
         };
+        let mut version = format::FORMAT_VERSION;
         match fs.read_bounded(&format_path, format::STORE_FORMAT_LEN as u64 * 4) {
             Ok(bytes) => {
                 let found = format::decode_store_format(&format_path, &bytes)?;
+                if !cfg.create {
+                    version = found;
+                }
                 if found < format::FORMAT_VERSION && cfg.create {
                     // Format 2 adds the journal, which a format-1 build would not write to:
                     // from now on, such builds refuse this store (FORMAT.md §5).
@@ -931,8 +935,18 @@ impl Store {
             None
         };
         // The journal and the index exist on the real file system only.
-        let journal = if cfg.backend.is_none() {
-            crate::index::Journal::open(root, cfg.create, cfg.lock_timeout)?
+        // A handle opened without `create` still changes transfers when asked to, so it
+        // journals too: it creates the journal a format-2 store is missing (deleted by hand),
+        // unless it cannot write there.
+        let journal = if cfg.backend.is_none() && version >= 2 {
+            match crate::index::Journal::open(root, true, cfg.lock_timeout) {
+                Ok(j) => j,
+                Err(e) if !cfg.create => {
+                    tracing::debug!(error = %e, "no journal for a handle opened without create");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
@@ -967,8 +981,17 @@ impl Store {
         match store.index_sync(crate::index::Sync::Refresh) {
             Some(l) => {
                 let transfers = store.dir(TRANSFERS);
-                store.report.unknown_entries =
-                    l.unknown.iter().map(|n| transfers.join(n)).collect();
+                // One plain name each: the index's bytes are not trusted to stay inside.
+                store.report.unknown_entries = l
+                    .unknown
+                    .iter()
+                    .filter(|n| {
+                        let mut c = Path::new(n).components();
+                        matches!(c.next(), Some(std::path::Component::Normal(_)))
+                            && c.next().is_none()
+                    })
+                    .map(|n| transfers.join(n))
+                    .collect();
             }
             None => store.scan_unknown()?,
         }
@@ -1942,6 +1965,9 @@ impl Store {
         let from = self.transfer_dir(id);
         let to = self.dir(TRASH).join(id.to_string());
         self.core.fs.rename(&from, &to)?;
+        if let Some(j) = &self.core.journal {
+            j.after(&self.core.root, id);
+        }
         self.core.fs.sync_dir(&self.dir(TRANSFERS))
     }
 
@@ -1984,6 +2010,9 @@ impl Store {
         }
         let to = self.dir(QUARANTINE).join(id.to_string());
         self.core.fs.rename(&from, &to)?;
+        if let Some(j) = &self.core.journal {
+            j.after(&self.core.root, id);
+        }
         self.core.fs.sync_dir(&self.dir(QUARANTINE))?;
         self.core.fs.sync_dir(&self.dir(TRANSFERS))?;
         self.forget(id);
@@ -2420,6 +2449,9 @@ impl Store {
             if let Err(e) = self.core.fs.remove_file(&dir.join(leftover)) {
                 tracing::warn!(transfer = %id, error = %e, "left a moot download file behind");
             }
+        }
+        if let Some(j) = &self.core.journal {
+            j.after(&self.core.root, id);
         }
         Ok(())
     }

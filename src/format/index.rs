@@ -1,4 +1,4 @@
-//! The derived index's encodings (FORMAT.md §6): the change journal's header and frames, and
+//! The derived index's encodings (FORMAT.md §2.6, §2.7, §3.8): the change journal's header and frames, and
 //! the records the index keeps per transfer. None of this is the source of truth: anything
 //! that fails to decode makes the index rebuild itself from the transfer directories.
 
