@@ -220,6 +220,10 @@ impl Journal {
         r.and(u)
     }
 
+    fn append_intent(&self, id: TransferId) -> Result<()> {
+        self.append(&fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[]))
+    }
+
     fn append(&self, frame: &[u8]) -> Result<()> {
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let io = |op, e| Error::io(op, &self.path, e);
@@ -238,7 +242,7 @@ impl Journal {
     /// When it cannot be recorded, the index is deleted (it is rebuilt from the directories
     /// when next opened) so it never goes stale; only when that fails too does the change fail.
     pub(crate) fn intent(&self, root: &Path, id: TransferId) -> Result<()> {
-        let Err(e) = self.append(&fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[])) else {
+        let Err(e) = self.append_intent(id) else {
             return Ok(());
         };
         let index = root.join(INDEX_FILE);
@@ -257,7 +261,7 @@ impl Journal {
     /// even when the intent before the change was consumed (or cut by a reset) mid-change.
     /// When it cannot be recorded, the index is deleted.
     pub(crate) fn after(&self, root: &Path, id: TransferId) {
-        if let Err(e) = self.append(&fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[])) {
+        if let Err(e) = self.append_intent(id) {
             tracing::warn!(transfer = %id, error = %e, "could not journal a change; deleting the index so it is rebuilt");
             let _ = std::fs::remove_file(root.join(INDEX_FILE));
         }
@@ -354,7 +358,7 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
         Err(e) => return Err(as_io(e)),
     };
     // Moved away meanwhile (a removal, under its lock): read again after the change.
-    if !crate::fs::Fs::default()
+    if !fs
         .same_entry(&dir, &crate::fs::Meta::from_std(&before))
         .map_err(as_io)?
     {
