@@ -21,11 +21,13 @@ use crate::{
 };
 
 /// `decode_manifest`: arbitrary bytes into the manifest decoder, as they are and with the
-/// header made valid around them (so the body decoder is reached). Whatever decodes encodes
-/// again and decodes to the same manifest.
+/// header made valid around them (so the body decoder is reached). The planner's borrowed
+/// decoder accepts and refuses exactly the same bytes, and reads the same fields. Whatever
+/// decodes encodes again and decodes to the same manifest.
 pub fn decode_manifest(data: &[u8]) {
     let path = Path::new("manifest");
     for bytes in [data.to_vec(), with_valid_manifest_header(data)] {
+        manifest::assert_views_agree(path, &bytes);
         let Ok(m) = manifest::decode(path, &bytes) else {
             continue;
         };

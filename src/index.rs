@@ -882,6 +882,51 @@ mod tests {
             let on_disk = holder.has_resume_data(t.id()).unwrap();
             assert_eq!(resume, on_disk, "{what}: resume flag of {}", t.id());
         }
+        assert_plans_match(holder, &truth, what);
+    }
+
+    /// The holder plans from the index's borrowed view exactly what the planner plans from the
+    /// directories' whole records, for tasks matched by tag, by URL, finished and unknown.
+    fn assert_plans_match(holder: &Store, truth: &[Transfer], what: &str) {
+        use crate::reconcile::{self, ReconcileOptions, Record, Sessions, Task};
+        let now = crate::format::from_ms(1_900_000_000_000);
+        let mut tasks: Vec<Task> = truth
+            .iter()
+            .enumerate()
+            .map(|(k, t)| {
+                let task = Task::running(crate::DEFAULT_SESSION, 1000 + k as u64, &t.request().url);
+                match k % 4 {
+                    0 => task.tag(t.id().to_string()),
+                    1 => task,
+                    2 => task.tag(t.id().to_string()).completed(200),
+                    _ => task.failed("reset"),
+                }
+            })
+            .collect();
+        tasks.push(Task::running(
+            crate::DEFAULT_SESSION,
+            1,
+            "https://x/unknown",
+        ));
+        let scanned = holder.gather_scanned(true).unwrap();
+        let corrupt: Vec<_> = scanned.corrupt.iter().map(|(id, _)| *id).collect();
+        let records: Vec<Record> = scanned
+            .transfers
+            .into_iter()
+            .map(|(transfer, has_resume_data)| Record {
+                transfer,
+                has_resume_data,
+            })
+            .collect();
+        let opts = ReconcileOptions::default();
+        for tasks in [&tasks[..0], &tasks[..]] {
+            let want = reconcile::plan(&Sessions::All, tasks, &records, &corrupt, now, &opts);
+            let got = holder.reconcile_with(&Sessions::All, tasks, now, &opts);
+            assert_eq!(got.unwrap(), want.unwrap(), "{what}: plan");
+            let want = reconcile::plan_reset(&Sessions::All, tasks, &records, &corrupt);
+            let got = holder.reset_plan(&Sessions::All, tasks);
+            assert_eq!(got.unwrap(), want.unwrap(), "{what}: reset plan");
+        }
     }
 
     fn ids(n: usize, s: &Store) -> Vec<crate::TransferId> {
@@ -956,6 +1001,25 @@ mod tests {
         drop(other);
         let again = Store::open(d.path()).unwrap();
         assert_follows(&again, "reopened");
+        // A damaged manifest, found by a rebuild: quarantined alike from the index and the
+        // directories.
+        drop(again);
+        let victim = all.iter().rev().find_map(|id| {
+            let m = d
+                .path()
+                .join("transfers")
+                .join(id.to_string())
+                .join("manifest");
+            m.exists().then_some(m)
+        });
+        let mut bytes = std::fs::read(victim.as_ref().unwrap()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(victim.unwrap(), bytes).unwrap();
+        std::fs::remove_file(d.path().join(INDEX_FILE)).unwrap();
+        let again = Store::open(d.path()).unwrap();
+        assert_eq!(again.gather(true).unwrap().corrupt.len(), 1);
+        assert_follows(&again, "a damaged manifest");
     }
 
     /// The journal's frames: (offset, length).

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Corruption, Error, ErrorKind, Result};
+use crate::format::index::IndexRecord;
 use crate::format::{self, manifest, state as state_fmt};
 use crate::fs::{self as wfs, Fs, Handle, Placed};
 use crate::transfer::{
@@ -2084,12 +2085,14 @@ impl Store {
     /// directories.
     pub(crate) fn gather(&self, resume: bool) -> Result<Gathered> {
         self.core.fs.check()?;
-        if let Some(records) = self
-            .index_sync(crate::index::Sync::List)
-            .and_then(|l| l.records)
-        {
-            return Ok(self.decode_indexed(records));
+        match self.index_records() {
+            Some(records) => Ok(self.decode_indexed(&records)),
+            None => self.gather_scanned(resume),
         }
+    }
+
+    /// [`Store::gather`] from the directories.
+    pub(crate) fn gather_scanned(&self, resume: bool) -> Result<Gathered> {
         let scan = self.scan()?;
         let mut transfers = Vec::with_capacity(scan.transfers.len());
         for t in scan.transfers {
@@ -2102,69 +2105,51 @@ impl Store {
         })
     }
 
-    /// Decodes the index's records as [`Store::scan`] would read the directories; a large
-    /// store on two threads (each record decodes on its own).
-    fn decode_indexed(&self, records: Vec<crate::format::index::IndexRecord>) -> Gathered {
-        const PARALLEL_FROM: usize = 16_384;
-        if records.len() < PARALLEL_FROM {
-            return self.decode_part(&records);
-        }
-        let (a, b) = records.split_at(records.len() / 2);
-        std::thread::scope(|s| {
-            let h = std::thread::Builder::new()
-                .name("waybill-decode".into())
-                .spawn_scoped(s, || self.decode_part(b));
-            let mut first = self.decode_part(a);
-            let rest = match h {
-                Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                Err(_) => self.decode_part(b),
-            };
-            first.transfers.extend(rest.transfers);
-            first.corrupt.extend(rest.corrupt);
-            first
-        })
+    /// Every record the index holds, in id order, while this handle holds the index.
+    pub(crate) fn index_records(&self) -> Option<Vec<IndexRecord>> {
+        self.index_sync(crate::index::Sync::List)
+            .and_then(|l| l.records)
     }
 
-    fn decode_part(&self, records: &[crate::format::index::IndexRecord]) -> Gathered {
-        let mut out = Gathered {
-            transfers: Vec::with_capacity(records.len()),
-            corrupt: Vec::new(),
+    /// Decodes the index's records as [`Store::scan`] would read the directories.
+    fn decode_indexed(&self, records: &[IndexRecord]) -> Gathered {
+        let part = |part: &[IndexRecord]| {
+            let mut out = Gathered {
+                transfers: Vec::with_capacity(part.len()),
+                corrupt: Vec::new(),
+            };
+            for r in part {
+                let id = TransferId::from_bytes(r.id);
+                // The path only names the file in an error: built when there is one.
+                let m = manifest::decode(Path::new(""), &r.manifest)
+                    .and_then(|m| same_id(id, m.id).map(|()| m))
+                    .map_err(|e| e.with_path(&self.transfer_dir(id).join(MANIFEST)));
+                match m {
+                    Ok(manifest) => {
+                        let state = indexed_state(&r.state);
+                        out.transfers.push((Transfer { manifest, state }, r.resume));
+                    }
+                    Err(e) => out.corrupt.push((id, e)),
+                }
+            }
+            out
         };
-        for r in records {
-            let id = TransferId::from_bytes(r.id);
-            // The path only names the file in an error: built when there is one.
-            let m = manifest::decode(Path::new(""), &r.manifest).and_then(|m| {
-                if m.id == id {
-                    Ok(m)
-                } else {
-                    Err(Error::corrupt(
-                        Path::new(""),
-                        Corruption::IdMismatch {
-                            expected: id,
-                            found: m.id,
-                        },
-                    ))
-                }
-            });
-            let m = m.map_err(|e| e.with_path(&self.transfer_dir(id).join(MANIFEST)));
-            let manifest = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    out.corrupt.push((id, e));
-                    continue;
-                }
-            };
-            let state = match state_fmt::decode_slot(0, &r.state) {
-                Ok(slot) => slot.state,
-                Err(_) => {
-                    let mut s = State::new();
-                    s.rebuilt = true;
-                    s
-                }
-            };
-            out.transfers.push((Transfer { manifest, state }, r.resume));
+        let (mut all, second) = in_halves(records, part);
+        if let Some(b) = second {
+            all.transfers.extend(b.transfers);
+            all.corrupt.extend(b.corrupt);
         }
-        out
+        all
+    }
+
+    /// The index's records as the planner reads them (manifests borrowed, not decoded whole),
+    /// and the ids of the corrupt ones: what [`Store::decode_indexed`] finds, decoded less.
+    pub(crate) fn plan_view(records: &[IndexRecord]) -> (PlanView<'_>, Vec<TransferId>) {
+        // The halves stay apart (the planner reads both, in order): no copy joins them.
+        let ((a, mut bad), second) = in_halves(records, view_part);
+        let (b, bad_b) = second.unwrap_or_default();
+        bad.extend(bad_b);
+        ((a, b), bad)
     }
 
     /// Brings the index up to date when this handle holds it (opening it if it can); `None`
@@ -2533,6 +2518,129 @@ impl Drop for Store {
             tracing::warn!(error = %e, "coalesced progress not flushed at close");
         }
         self.release_index();
+    }
+}
+
+/// A record read from the index as the planner sees it: the manifest borrowed from the
+/// index's bytes, the state decoded.
+pub(crate) struct IndexedRecord<'a> {
+    manifest: manifest::ManifestRef<'a>,
+    state: State,
+    resume: bool,
+}
+
+impl crate::reconcile::Planned for IndexedRecord<'_> {
+    fn id(&self) -> TransferId {
+        self.manifest.id
+    }
+    fn session(&self) -> &str {
+        self.manifest.session
+    }
+    fn idempotency_key(&self) -> &str {
+        self.manifest.idempotency_key
+    }
+    fn kind(&self) -> Kind {
+        self.manifest.kind
+    }
+    fn deadline(&self) -> Option<SystemTime> {
+        self.manifest.deadline
+    }
+    fn retry(&self) -> crate::transfer::RetryPolicy {
+        self.manifest.retry
+    }
+    fn state(&self) -> &State {
+        &self.state
+    }
+    fn has_resume_data(&self) -> bool {
+        self.resume
+    }
+    fn url(&self) -> &str {
+        self.state
+            .current_request
+            .as_ref()
+            .map_or(self.manifest.url, |r| r.url.as_str())
+    }
+    fn request(&self) -> crate::transfer::Request {
+        match &self.state.current_request {
+            Some(r) => r.clone(),
+            None => self.manifest.request(),
+        }
+    }
+}
+
+/// The index's records as the planner reads them, in two halves (in order).
+pub(crate) type PlanView<'a> = (Vec<IndexedRecord<'a>>, Vec<IndexedRecord<'a>>);
+
+/// From this many records on, the index's records decode on two threads.
+const PARALLEL_DECODE_FROM: usize = 16_384;
+
+/// `part` over `records`; for many records, over each half on its own thread (each record
+/// decodes on its own).
+fn in_halves<'a, O: Send>(
+    records: &'a [IndexRecord],
+    part: impl Fn(&'a [IndexRecord]) -> O + Sync,
+) -> (O, Option<O>) {
+    if records.len() < PARALLEL_DECODE_FROM {
+        return (part(records), None);
+    }
+    let (a, b) = records.split_at(records.len() / 2);
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("waybill-decode".into())
+            .spawn_scoped(s, || part(b));
+        let first = part(a);
+        let second = match h {
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(_) => part(b),
+        };
+        (first, Some(second))
+    })
+}
+
+/// The planner's view of some of the index's records, and the ids of the corrupt ones.
+fn view_part(records: &[IndexRecord]) -> (Vec<IndexedRecord<'_>>, Vec<TransferId>) {
+    let mut out = (Vec::with_capacity(records.len()), Vec::new());
+    for r in records {
+        let id = TransferId::from_bytes(r.id);
+        match manifest::decode_ref(Path::new(""), &r.manifest)
+            .and_then(|m| same_id(id, m.id).map(|()| m))
+        {
+            Ok(manifest) => out.0.push(IndexedRecord {
+                manifest,
+                state: indexed_state(&r.state),
+                resume: r.resume,
+            }),
+            Err(_) => out.1.push(id),
+        }
+    }
+    out
+}
+
+/// A manifest read under `id` must name `id`.
+fn same_id(id: TransferId, found: TransferId) -> Result<()> {
+    if found == id {
+        Ok(())
+    } else {
+        Err(Error::corrupt(
+            Path::new(""),
+            Corruption::IdMismatch {
+                expected: id,
+                found,
+            },
+        ))
+    }
+}
+
+/// The state slot the index keeps, decoded; a state rebuilt from the manifest when neither slot
+/// was valid (as [`Store::scan`] reads such a record).
+fn indexed_state(bytes: &[u8]) -> State {
+    match state_fmt::decode_slot(0, bytes) {
+        Ok(slot) => slot.state,
+        Err(_) => {
+            let mut s = State::new();
+            s.rebuilt = true;
+            s
+        }
     }
 }
 

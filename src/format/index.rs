@@ -121,6 +121,7 @@ pub(crate) fn decode_journal_header(b: &[u8]) -> Option<JournalHeader> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct EntryBody {
     /// The newest state slot as written (header and body).
+    #[serde(with = "super::bytes")]
     pub(crate) state: Vec<u8>,
     /// Whether the download's resume data exists.
     pub(crate) resume: bool,
@@ -192,8 +193,10 @@ pub(crate) struct IndexRecord {
     /// Whether the download's resume data exists.
     pub(crate) resume: bool,
     /// The newest valid state slot (header and body); empty when neither slot was valid.
+    #[serde(with = "super::bytes")]
     pub(crate) state: Vec<u8>,
     /// The manifest file as found (it may fail its checks: the record is then corrupt).
+    #[serde(with = "super::bytes")]
     pub(crate) manifest: Vec<u8>,
 }
 
@@ -298,6 +301,21 @@ mod tests {
             manifest: vec![8; 200],
         };
         let c = encode_chunk(std::slice::from_ref(&r));
+        // Byte fields are written as serde writes any `Vec<u8>` (format 2 as first shipped).
+        #[derive(Serialize)]
+        struct Plain {
+            id: [u8; 16],
+            resume: bool,
+            state: Vec<u8>,
+            manifest: Vec<u8>,
+        }
+        let plain = Plain {
+            id: r.id,
+            resume: r.resume,
+            state: r.state.clone(),
+            manifest: r.manifest.clone(),
+        };
+        assert_eq!(postcard::to_allocvec(&vec![plain]).ok(), Some(c.clone()));
         assert_eq!(decode_chunk(&c), Ok(vec![r]));
         assert!(decode_chunk(&c[..c.len() - 1]).is_err());
         let m = IndexMeta {

@@ -81,6 +81,16 @@ fn put(v: &Value, depth: usize, out: &mut Vec<u8>) -> Result<(), String> {
 
 /// Decodes metadata, requiring every byte to be used.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Value, String> {
+    read(bytes, true).map(Option::unwrap_or_default)
+}
+
+/// Checks metadata as [`decode`] does, building nothing.
+pub(crate) fn check(bytes: &[u8]) -> Result<(), String> {
+    read(bytes, false).map(drop)
+}
+
+/// Reads (and with `build`, returns) one whole metadata value.
+fn read(bytes: &[u8], build: bool) -> Result<Option<Value>, String> {
     if bytes.len() > MAX_METADATA_BYTES {
         return Err(format!(
             "metadata is {} bytes; the limit is {MAX_METADATA_BYTES}",
@@ -88,7 +98,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Value, String> {
         ));
     }
     let mut r = Reader { bytes, at: 0 };
-    let v = r.value(1)?;
+    let v = r.value(1, build)?;
     if r.at != bytes.len() {
         return Err(format!(
             "{} trailing bytes after metadata",
@@ -103,8 +113,8 @@ struct Reader<'a> {
     at: usize,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         let end = self
             .at
             .checked_add(n)
@@ -128,55 +138,66 @@ impl Reader<'_> {
         Ok(n)
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<&'a str, String> {
         let n = self.len()?;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| "metadata string is not UTF-8".to_owned())
+        std::str::from_utf8(b).map_err(|_| "metadata string is not UTF-8".to_owned())
     }
 
-    fn value(&mut self, depth: usize) -> Result<Value, String> {
+    /// One value; built only when `build` (a check reads the same bytes and allocates nothing).
+    fn value(&mut self, depth: usize, build: bool) -> Result<Option<Value>, String> {
         if depth > MAX_METADATA_DEPTH {
             return Err(format!(
                 "metadata nests deeper than {MAX_METADATA_DEPTH} levels"
             ));
         }
-        Ok(match self.u8()? {
-            TAG_STRING => Value::String(self.string()?),
-            TAG_INTEGER => Value::Integer(i64::from_le_bytes(super::fixed::<8>(self.take(8)?, 0))),
+        let v = match self.u8()? {
+            TAG_STRING => {
+                let s = self.string()?;
+                build.then(|| Value::String(s.to_owned()))
+            }
+            TAG_INTEGER => {
+                let i = i64::from_le_bytes(super::fixed::<8>(self.take(8)?, 0));
+                build.then_some(Value::Integer(i))
+            }
             TAG_BOOL => match self.u8()? {
-                0 => Value::Bool(false),
-                1 => Value::Bool(true),
+                0 => build.then_some(Value::Bool(false)),
+                1 => build.then_some(Value::Bool(true)),
                 b => return Err(format!("metadata bool byte {b}")),
             },
             TAG_BYTES => {
                 let n = self.len()?;
-                Value::Bytes(self.take(n)?.to_vec())
+                let b = self.take(n)?;
+                build.then(|| Value::Bytes(b.to_vec()))
             }
             TAG_ARRAY => {
                 let n = self.len()?;
-                let mut items = Vec::with_capacity(n);
+                let mut items = Vec::with_capacity(if build { n } else { 0 });
                 for _ in 0..n {
-                    items.push(self.value(depth + 1)?);
+                    items.extend(self.value(depth + 1, build)?);
                 }
-                Value::Array(items)
+                build.then_some(Value::Array(items))
             }
             TAG_MAP => {
                 let n = self.len()?;
                 let mut m = BTreeMap::new();
-                let mut last: Option<String> = None;
+                let mut last: Option<&str> = None;
                 for _ in 0..n {
                     let k = self.string()?;
-                    if last.as_ref().is_some_and(|l| *l >= k) {
+                    if last.is_some_and(|l| l >= k) {
                         return Err("metadata map keys are not strictly ascending".to_owned());
                     }
-                    let v = self.value(depth + 1)?;
-                    last = Some(k.clone());
-                    m.insert(k, v);
+                    let v = self.value(depth + 1, build)?;
+                    last = Some(k);
+                    if let Some(v) = v {
+                        m.insert(k.to_owned(), v);
+                    }
                 }
-                Value::Map(m)
+                build.then_some(Value::Map(m))
             }
             t => return Err(format!("unknown metadata tag {t}")),
-        })
+        };
+        Ok(v)
     }
 }
 
@@ -214,6 +235,28 @@ mod tests {
             bytes.extend_from_slice(&1u32.to_le_bytes());
         }
         assert!(decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn check_refuses_exactly_what_decode_refuses() -> Result<(), String> {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "a".to_owned(),
+            Value::Array(vec![Value::Integer(1), Value::Bool(true)]),
+        );
+        m.insert("b".to_owned(), Value::Bytes(vec![1, 2]));
+        m.insert("c".to_owned(), Value::from("x"));
+        let good = encode(&Value::Map(m))?;
+        assert_eq!(check(&good), Ok(()));
+        for i in 0..good.len() {
+            for bit in [0x01, 0x02, 0x80] {
+                let mut bad = good.clone();
+                bad[i] ^= bit;
+                assert_eq!(check(&bad).err(), decode(&bad).err(), "byte {i} ^ {bit:#x}");
+            }
+            assert_eq!(check(&good[..i]).err(), decode(&good[..i]).err());
+        }
+        Ok(())
     }
 
     #[test]

@@ -47,7 +47,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ErrorClass, Store};
-use crate::transfer::{Kind, Outcome, Phase, Request, TaskBinding, Transfer, TransferId};
+use crate::transfer::{
+    Kind, Outcome, Phase, Request, RetryPolicy, State, TaskBinding, Transfer, TransferId,
+};
 
 /// Which sessions a reconcile covers. Records and tasks of other sessions are left alone (an
 /// extension reconciles its own session).
@@ -184,6 +186,64 @@ pub struct Record {
     pub transfer: Transfer,
     /// Whether resume data is stored (downloads).
     pub has_resume_data: bool,
+}
+
+/// What the planner reads of a record: a whole [`Record`], or the store's view of one read
+/// from its index (see `crate::format::manifest::ManifestRef`), which decodes only this.
+pub(crate) trait Planned: Sync {
+    /// The transfer's id.
+    fn id(&self) -> TransferId;
+    /// The manifest's session.
+    fn session(&self) -> &str;
+    /// The manifest's idempotency key.
+    fn idempotency_key(&self) -> &str;
+    /// Upload or download.
+    fn kind(&self) -> Kind;
+    /// The manifest's deadline.
+    fn deadline(&self) -> Option<SystemTime>;
+    /// The manifest's retry policy.
+    fn retry(&self) -> RetryPolicy;
+    /// The mutable state.
+    fn state(&self) -> &State;
+    /// Whether resume data is stored.
+    fn has_resume_data(&self) -> bool;
+    /// The URL of the request to run now (the replacement's, else the manifest's).
+    fn url(&self) -> &str;
+    /// The request to run now, owned.
+    fn request(&self) -> Request;
+}
+
+impl Planned for Record {
+    fn id(&self) -> TransferId {
+        self.transfer.id()
+    }
+    fn session(&self) -> &str {
+        &self.transfer.manifest.session
+    }
+    fn idempotency_key(&self) -> &str {
+        &self.transfer.manifest.idempotency_key
+    }
+    fn kind(&self) -> Kind {
+        self.transfer.manifest.kind
+    }
+    fn deadline(&self) -> Option<SystemTime> {
+        self.transfer.manifest.deadline
+    }
+    fn retry(&self) -> RetryPolicy {
+        self.transfer.manifest.retry
+    }
+    fn state(&self) -> &State {
+        &self.transfer.state
+    }
+    fn has_resume_data(&self) -> bool {
+        self.has_resume_data
+    }
+    fn url(&self) -> &str {
+        &self.transfer.request().url
+    }
+    fn request(&self) -> Request {
+        self.transfer.request().clone()
+    }
 }
 
 /// What a download resumes from.
@@ -414,8 +474,8 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 /// The backoff after the `failures`-th failure of `id`, shortened by seeded jitter.
-fn jittered(t: &Transfer, failures: u32, opts: &ReconcileOptions) -> Duration {
-    let base = t.manifest.retry.backoff(failures);
+fn jittered(t: &impl Planned, failures: u32, opts: &ReconcileOptions) -> Duration {
+    let base = t.retry().backoff(failures);
     let id = t.id();
     let b = id.as_bytes();
     let lo = u64::from_le_bytes(crate::format::fixed::<8>(b, 0));
@@ -552,10 +612,10 @@ struct Matching {
 
 /// The checked inputs of one plan: tasks in the order given, records of the supplied sessions
 /// in id order, corrupt ids in order, and every session name as a small number.
-struct Inputs<'a> {
+struct Inputs<'a, R> {
     tasks: Vec<&'a Task>,
     task_session: Vec<u32>,
-    recs: Vec<(TransferId, &'a Record)>,
+    recs: Vec<(TransferId, &'a R)>,
     rec_session: Vec<u32>,
     corrupt: Vec<TransferId>,
     sessions: Interner<'a>,
@@ -563,12 +623,12 @@ struct Inputs<'a> {
 
 /// Checks the inputs (every task of a supplied session, no task reported twice) and keeps the
 /// records of the supplied sessions, by id.
-fn inputs<'a>(
+fn inputs<'a, R: Planned>(
     sessions: &Sessions,
     tasks: &'a [Task],
-    records: &'a [Record],
+    records: &[&'a [R]],
     corrupt: &[TransferId],
-) -> Result<Inputs<'a>> {
+) -> Result<Inputs<'a, R>> {
     let mut names = Names {
         ids: Interner::default(),
         supplied: Vec::new(),
@@ -592,11 +652,22 @@ fn inputs<'a>(
         }
         task_session.push(s);
     }
-    let mut recs: Vec<(TransferId, &Record, u32)> = Vec::with_capacity(records.len());
-    for r in records {
-        let (s, supplied) = names.id(sessions, &r.transfer.manifest.session);
+    let mut recs: Vec<(TransferId, &R, u32)> =
+        Vec::with_capacity(records.iter().map(|p| p.len()).sum());
+    // Records of one session usually follow each other: its name is looked up once per run.
+    let mut last: Option<(&str, (u32, bool))> = None;
+    for r in records.iter().flat_map(|p| p.iter()) {
+        let name = r.session();
+        let (s, supplied) = match last {
+            Some((l, known)) if l == name => known,
+            _ => {
+                let known = names.id(sessions, name);
+                last = Some((name, known));
+                known
+            }
+        };
         if supplied {
-            recs.push((r.transfer.id(), r, s));
+            recs.push((r.id(), r, s));
         }
     }
     if !recs.is_sorted_by(|a, b| a.0 < b.0) {
@@ -618,11 +689,39 @@ fn inputs<'a>(
     })
 }
 
+/// Records by their binding's (session, task id), and unbound records by (session, URL).
+struct Weak<'a> {
+    by_binding: FxMap<(u32, u64), Cands>,
+    by_url: FxMap<(u32, &'a str), Cands>,
+}
+
+fn weak_evidence<'a, R: Planned>(
+    recs: &[(TransferId, &'a R)],
+    rec_session: &[u32],
+    sessions: &mut Interner<'a>,
+) -> Weak<'a> {
+    let unbound = recs
+        .iter()
+        .filter(|(_, r)| r.state().binding.is_none())
+        .count();
+    let mut w = Weak {
+        by_binding: FxMap::with_capacity_and_hasher(recs.len() - unbound, Default::default()),
+        by_url: FxMap::with_capacity_and_hasher(unbound, Default::default()),
+    };
+    for (i, ((_, r), &s)) in recs.iter().zip(rec_session).enumerate() {
+        match &r.state().binding {
+            Some(b) => add(&mut w.by_binding, (sessions.id(&b.session), b.task_id), i),
+            None => add(&mut w.by_url, (s, r.url()), i),
+        }
+    }
+    w
+}
+
 /// Matches tasks to records, strongest evidence first: the tag (the record's id, its
 /// idempotency key, or its binding's tag); then the binding's (session, task id) when the URL
 /// agrees; then the URL when one unbound record has it. Several records for one task, or
 /// several tasks for one record, is ambiguous: none of them is matched.
-fn match_tasks(inp: &mut Inputs<'_>) -> Matching {
+fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
     let Inputs {
         tasks,
         task_session,
@@ -635,32 +734,26 @@ fn match_tasks(inp: &mut Inputs<'_>) -> Matching {
     let mut by_id: FxMap<TransferId, usize> =
         FxMap::with_capacity_and_hasher(n, Default::default());
     let mut by_tag: FxMap<(u32, &str), Cands> = FxMap::default();
-    let mut by_binding: FxMap<(u32, u64), Cands> =
-        FxMap::with_capacity_and_hasher(n, Default::default());
-    let mut by_url: FxMap<(u32, &str), Cands> = FxMap::default();
     for (i, ((id, r), &s)) in recs.iter().zip(rec_session.iter()).enumerate() {
-        let t = &r.transfer;
         by_id.insert(*id, i);
         // Tags other than the id itself (the id is found through `by_id`).
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let own: &str = uuid::Uuid::from_bytes(*id.as_bytes())
             .hyphenated()
             .encode_lower(&mut buf);
-        let key = t.manifest.idempotency_key.as_str();
+        let key = r.idempotency_key();
         if key != own {
             add(&mut by_tag, (s, key), i);
         }
-        if let Some(b) = &t.state.binding {
-            if let Some(tag) = b.tag.as_deref()
-                && tag != own
-            {
-                add(&mut by_tag, (s, tag), i);
-            }
-            add(&mut by_binding, (sessions.id(&b.session), b.task_id), i);
-        } else {
-            add(&mut by_url, (s, t.request().url.as_str()), i);
+        if let Some(tag) = r.state().binding.as_ref().and_then(|b| b.tag.as_deref())
+            && tag != own
+        {
+            add(&mut by_tag, (s, tag), i);
         }
     }
+    // The weaker evidence (binding, URL) is indexed only once a task needs it: tasks that
+    // carry their record's tag never do.
+    let mut weak: Option<Weak<'_>> = None;
     let corrupt_ids: FxMap<TransferId, usize> =
         corrupt.iter().enumerate().map(|(i, id)| (*id, i)).collect();
 
@@ -697,18 +790,25 @@ fn match_tasks(inp: &mut Inputs<'_>) -> Matching {
                 continue;
             }
         }
-        if cands.is_empty()
-            && let Some(c) = by_binding.get(&(s, task.task_id))
+        let weak = match (cands.is_empty(), &mut weak) {
+            (false, _) => None,
+            (true, Some(w)) => Some(&*w),
+            (true, w) => Some(&*w.insert(weak_evidence(recs, rec_session, sessions))),
+        };
+        if let Some(w) = weak
+            && cands.is_empty()
+            && let Some(c) = w.by_binding.get(&(s, task.task_id))
         {
             // A reused task id proves nothing unless the URL agrees.
-            cands.extend(c.as_slice().iter().filter(|&&i| {
-                recs.get(i)
-                    .is_some_and(|(_, r)| r.transfer.request().url == task.url)
-            }));
+            cands.extend(
+                c.as_slice()
+                    .iter()
+                    .filter(|&&i| recs.get(i).is_some_and(|(_, r)| r.url() == task.url)),
+            );
         }
-        if cands.is_empty()
-            && !by_url.is_empty()
-            && let Some(c) = by_url.get(&(s, task.url.as_str()))
+        if let Some(w) = weak
+            && cands.is_empty()
+            && let Some(c) = w.by_url.get(&(s, task.url.as_str()))
         {
             cands.extend_from_slice(c.as_slice());
         }
@@ -779,12 +879,12 @@ fn match_tasks(inp: &mut Inputs<'_>) -> Matching {
 /// id, its idempotency key, or the tag already bound), else the tag already bound. A tag that
 /// names nothing (empty, or shared by unrelated tasks) is never recorded: it would make the
 /// next reconcile match every record that recorded it.
-fn identifying_tag(t: &Transfer, task: &Task) -> Option<String> {
-    let bound = t.state.binding.as_ref().and_then(|b| b.tag.clone());
+fn identifying_tag(t: &impl Planned, task: &Task) -> Option<String> {
+    let bound = t.state().binding.as_ref().and_then(|b| b.tag.clone());
     match task.tag.as_deref() {
         Some(tag)
             if TransferId::parse_canonical(tag) == Some(t.id())
-                || tag == t.manifest.idempotency_key
+                || tag == t.idempotency_key()
                 || bound.as_deref() == Some(tag) =>
         {
             Some(tag.to_owned())
@@ -798,10 +898,14 @@ fn past(deadline: Option<SystemTime>, now: SystemTime) -> bool {
 }
 
 /// The action for one record, given the task matched to it (if any).
-fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOptions) -> Action {
-    let t = &r.transfer;
+fn decide(
+    t: &impl Planned,
+    task: Option<&Task>,
+    now: SystemTime,
+    opts: &ReconcileOptions,
+) -> Action {
     let id = t.id();
-    let st = &t.state;
+    let st = t.state();
     let tref = task.map(Task::key);
     match st.phase {
         Phase::Cancelled => return Action::Purge { id, task: tref },
@@ -816,9 +920,9 @@ fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOpti
         Phase::Pending | Phase::Running | Phase::WaitingToRetry => {}
     }
     let no_task = |failure: Option<String>, failures: u32, not_before: Option<SystemTime>, task| {
-        let request = t.request().clone();
+        let request = t.request();
         let attempt = failures.saturating_add(1);
-        let from = match (t.manifest.kind, r.has_resume_data, st.partial_len) {
+        let from = match (t.kind(), t.has_resume_data(), st.partial_len) {
             (Kind::Download, true, _) => Some(ResumeFrom::ResumeData),
             (Kind::Download, false, len) if len > 0 => Some(ResumeFrom::Partial { len }),
             _ => None,
@@ -859,7 +963,7 @@ fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOpti
                 task: tref,
             };
         }
-        if past(t.manifest.deadline, now) {
+        if past(t.deadline(), now) {
             return Action::Expire { id, task: tref };
         }
         if bound_to_it && st.phase == Phase::WaitingToRetry {
@@ -867,7 +971,7 @@ fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOpti
             return no_task(None, st.failures, pending_retry, tref);
         }
         let failures = st.failures.saturating_add(1);
-        if failures >= t.manifest.retry.max_attempts {
+        if failures >= t.retry().max_attempts {
             return Action::GiveUp {
                 id,
                 error: task.failure_text(),
@@ -878,7 +982,7 @@ fn decide(r: &Record, task: Option<&Task>, now: SystemTime, opts: &ReconcileOpti
         let at = crate::format::from_ms(crate::format::to_ms(at));
         return no_task(Some(task.failure_text()), failures, Some(at), tref);
     }
-    if past(t.manifest.deadline, now) {
+    if past(t.deadline(), now) {
         return Action::Expire { id, task: tref };
     }
     match (task, tref) {
@@ -906,6 +1010,18 @@ pub fn plan(
     now: SystemTime,
     opts: &ReconcileOptions,
 ) -> Result<Plan> {
+    plan_of(sessions, tasks, &[records], corrupt, now, opts)
+}
+
+/// [`plan`] over any view of the records.
+pub(crate) fn plan_of<R: Planned>(
+    sessions: &Sessions,
+    tasks: &[Task],
+    records: &[&[R]],
+    corrupt: &[TransferId],
+    now: SystemTime,
+    opts: &ReconcileOptions,
+) -> Result<Plan> {
     plan_with(
         sessions,
         tasks,
@@ -928,6 +1044,16 @@ pub fn plan_reset(
     records: &[Record],
     corrupt: &[TransferId],
 ) -> Result<Plan> {
+    plan_reset_of(sessions, tasks, &[records], corrupt)
+}
+
+/// [`plan_reset`] over any view of the records.
+pub(crate) fn plan_reset_of<R: Planned>(
+    sessions: &Sessions,
+    tasks: &[Task],
+    records: &[&[R]],
+    corrupt: &[TransferId],
+) -> Result<Plan> {
     plan_with(
         sessions,
         tasks,
@@ -935,7 +1061,7 @@ pub fn plan_reset(
         corrupt,
         PARALLEL_FROM,
         |r, task| Action::Purge {
-            id: r.transfer.id(),
+            id: r.id(),
             task: task.map(Task::key),
         },
     )
@@ -947,13 +1073,13 @@ const PARALLEL_FROM: usize = 16_384;
 /// Matches, then gives each record the action `per_record` decides (corrupt records are
 /// quarantined, tasks left over cancelled). Record actions come in id order, then bare cancels
 /// by session and task id, whatever the order of the inputs.
-fn plan_with(
+fn plan_with<R: Planned>(
     sessions: &Sessions,
     tasks: &[Task],
-    records: &[Record],
+    records: &[&[R]],
     corrupt: &[TransferId],
     parallel_from: usize,
-    per_record: impl Fn(&Record, Option<&Task>) -> Action + Sync,
+    per_record: impl Fn(&R, Option<&Task>) -> Action + Sync,
 ) -> Result<Plan> {
     let mut inp = inputs(sessions, tasks, records, corrupt)?;
     let m = match_tasks(&mut inp);
@@ -1069,6 +1195,18 @@ impl Store {
         now: SystemTime,
         opts: &ReconcileOptions,
     ) -> Result<Plan> {
+        self.core.fs.check()?;
+        if let Some(indexed) = self.index_records() {
+            let (records, corrupt) = Store::plan_view(&indexed);
+            return plan_of(
+                sessions,
+                tasks,
+                &[&records.0, &records.1],
+                &corrupt,
+                now,
+                opts,
+            );
+        }
         let (records, corrupt) = self.records(sessions)?;
         plan(sessions, tasks, &records, &corrupt, now, opts)
     }
@@ -1078,12 +1216,18 @@ impl Store {
     /// # Errors
     /// As [`Store::reconcile`].
     pub fn reset_plan(&self, sessions: &Sessions, tasks: &[Task]) -> Result<Plan> {
+        self.core.fs.check()?;
+        if let Some(indexed) = self.index_records() {
+            let (records, corrupt) = Store::plan_view(&indexed);
+            return plan_reset_of(sessions, tasks, &[&records.0, &records.1], &corrupt);
+        }
         let (records, corrupt) = self.records(sessions)?;
         plan_reset(sessions, tasks, &records, &corrupt)
     }
 
+    /// The records of `sessions` read from the directories, and the corrupt ids.
     fn records(&self, sessions: &Sessions) -> Result<(Vec<Record>, Vec<TransferId>)> {
-        let all = self.gather(true)?;
+        let all = self.gather_scanned(true)?;
         let records = all
             .transfers
             .into_iter()
