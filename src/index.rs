@@ -369,7 +369,7 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
         Err(e) if e.is_corrupt() || e.is_not_found_io() => Vec::new(),
         Err(e) => return Err(as_io(e)),
     };
-    let download = crate::format::manifest::decode(Path::new(""), &manifest)
+    let download = crate::format::manifest::decode_ref(Path::new(""), &manifest)
         .is_ok_and(|m| m.kind == crate::Kind::Download);
     let resume = download
         && match std::fs::symlink_metadata(dir.join(RESUME)) {
@@ -381,8 +381,8 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
         record: Some(IndexRecord {
             id: *id.as_bytes(),
             resume,
-            state,
-            manifest,
+            state: state.into(),
+            manifest: manifest.into(),
         }),
         settled,
     })
@@ -745,13 +745,13 @@ impl Index {
                     (Some(manifest), _) => Some(IndexRecord {
                         id,
                         resume: body.resume,
-                        state: body.state,
-                        manifest,
+                        state: body.state.into(),
+                        manifest: manifest.into(),
                     }),
                     (None, Some(old)) => Some(IndexRecord {
                         id,
                         resume: body.resume,
-                        state: body.state,
+                        state: body.state.into(),
                         manifest: old.manifest.clone(),
                     }),
                     (None, None) => reread(root, tid)?.record,

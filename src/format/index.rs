@@ -2,6 +2,8 @@
 //! the records the index keeps per transfer. None of this is the source of truth: anything
 //! that fails to decode makes the index rebuild itself from the transfer directories.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::{decode_exact, fixed};
@@ -186,18 +188,88 @@ pub(crate) fn decode_frame(b: &[u8]) -> Option<(Frame, usize)> {
     Some((frame, FRAME_HEADER_LEN + len))
 }
 
+/// Bytes read as part of a larger buffer (a chunk of the index), sharing it: a chunk's records
+/// cost one allocation between them rather than two each.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    buf: Arc<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Shared {
+    /// `part` of `buf`, which it must lie within (else empty).
+    fn within(buf: &Arc<[u8]>, part: &[u8]) -> Shared {
+        let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+        let end = start.wrapping_add(part.len());
+        if buf.get(start..end).is_none() {
+            return Shared::from(part.to_vec());
+        }
+        Shared {
+            buf: Arc::clone(buf),
+            start,
+            end,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Shared {
+    fn from(v: Vec<u8>) -> Shared {
+        let end = v.len();
+        Shared {
+            buf: Arc::from(v),
+            start: 0,
+            end,
+        }
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.get(self.start..self.end).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Shared {
+    fn eq(&self, other: &Shared) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Shared {}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", &**self)
+    }
+}
+
+impl Serialize for Shared {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self)
+    }
+}
+
 /// What the index keeps per transfer: the files the reconciler and the list queries decode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct IndexRecord {
     pub(crate) id: [u8; 16],
     /// Whether the download's resume data exists.
     pub(crate) resume: bool,
     /// The newest valid state slot (header and body); empty when neither slot was valid.
-    #[serde(with = "super::bytes")]
-    pub(crate) state: Vec<u8>,
+    pub(crate) state: Shared,
     /// The manifest file as found (it may fail its checks: the record is then corrupt).
-    #[serde(with = "super::bytes")]
-    pub(crate) manifest: Vec<u8>,
+    pub(crate) manifest: Shared,
+}
+
+/// [`IndexRecord`] as it is read, borrowing from the chunk.
+#[derive(Deserialize)]
+struct RecordRef<'a> {
+    id: [u8; 16],
+    resume: bool,
+    state: &'a [u8],
+    manifest: &'a [u8],
 }
 
 /// The index's records are kept in this many chunks, by the top bits of the id: few, large
@@ -213,8 +285,19 @@ pub(crate) fn encode_chunk(records: &[IndexRecord]) -> Vec<u8> {
     postcard::to_allocvec(records).unwrap_or_default()
 }
 
+/// Decodes a chunk; its records share one copy of it.
 pub(crate) fn decode_chunk(b: &[u8]) -> Result<Vec<IndexRecord>, String> {
-    decode_exact(b)
+    let buf: Arc<[u8]> = Arc::from(b);
+    let refs: Vec<RecordRef<'_>> = decode_exact(&buf)?;
+    Ok(refs
+        .into_iter()
+        .map(|r| IndexRecord {
+            id: r.id,
+            resume: r.resume,
+            state: Shared::within(&buf, r.state),
+            manifest: Shared::within(&buf, r.manifest),
+        })
+        .collect())
 }
 
 /// The index's bookkeeping, kept beside the chunks.
@@ -297,8 +380,8 @@ mod tests {
         let r = IndexRecord {
             id: [1; 16],
             resume: false,
-            state: vec![4; 30],
-            manifest: vec![8; 200],
+            state: vec![4; 30].into(),
+            manifest: vec![8; 200].into(),
         };
         let c = encode_chunk(std::slice::from_ref(&r));
         // Byte fields are written as serde writes any `Vec<u8>` (format 2 as first shipped).
@@ -312,8 +395,8 @@ mod tests {
         let plain = Plain {
             id: r.id,
             resume: r.resume,
-            state: r.state.clone(),
-            manifest: r.manifest.clone(),
+            state: r.state.to_vec(),
+            manifest: r.manifest.to_vec(),
         };
         assert_eq!(postcard::to_allocvec(&vec![plain]).ok(), Some(c.clone()));
         assert_eq!(decode_chunk(&c), Ok(vec![r]));
