@@ -53,7 +53,7 @@ const COMPACT_BYTES: u64 = 4 * 1024;
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// The index's page cache: its values are read once per reconcile, so a large cache only
 /// costs resident memory.
-const CACHE_BYTES: usize = 4 * 1024 * 1024;
+const CACHE_BYTES: usize = 256 * 1024;
 
 /// This boot of the running system, where the platform can tell.
 pub(crate) fn current_boot() -> Option<Boot> {
@@ -539,34 +539,50 @@ impl Index {
     ) -> std::result::Result<Option<Vec<IndexRecord>>, redb::Error> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(CHUNKS)?;
-        let mut out = Vec::new();
-        let mut take = |k: u16, v: &[u8]| -> bool {
-            let Ok(recs) = fmt::decode_chunk(v) else {
-                return false;
-            };
-            // Each chunk holds its own ids, sorted: anything else is not an index we wrote.
-            let ok = recs.is_sorted_by(|a, b| a.id < b.id)
-                && recs.iter().all(|r| fmt::chunk_of(&r.id) == k);
-            out.extend(recs);
-            ok
+        // The chunks are read into one buffer (which the records then share), so that once
+        // the records are dropped their bytes go back to the system in one piece rather than
+        // as a thousand holes in the heap.
+        let mut bytes = Vec::new();
+        let mut spans: Vec<(u16, std::ops::Range<usize>)> = Vec::new();
+        let mut keep = |k: u16, v: &[u8]| {
+            let start = bytes.len();
+            bytes.extend_from_slice(v);
+            spans.push((k, start..bytes.len()));
         };
         match only {
             None => {
                 for e in t.iter()? {
                     let (k, v) = e?;
-                    if !take(k.value(), v.value()) {
-                        return Ok(None);
-                    }
+                    keep(k.value(), v.value());
                 }
             }
             Some(set) => {
                 for &c in set {
-                    if let Some(v) = t.get(c)?
-                        && !take(c, v.value())
-                    {
-                        return Ok(None);
+                    if let Some(v) = t.get(c)? {
+                        keep(c, v.value());
                     }
                 }
+            }
+        }
+        let buf = std::sync::Arc::new(bytes);
+        let total = spans
+            .iter()
+            .map(|(_, r)| buf.get(r.clone()).map_or(0, fmt::chunk_len))
+            .sum::<usize>();
+        // A record takes at least 19 bytes (its id, a flag and two lengths): a damaged count
+        // cannot reserve more than the bytes could hold.
+        let mut out = Vec::with_capacity(total.min(buf.len() / 19));
+        for (k, r) in spans {
+            let from = out.len();
+            if fmt::decode_chunk_into(&buf, r, &mut out).is_err() {
+                return Ok(None);
+            }
+            // Each chunk holds its own ids, sorted: anything else is not an index we wrote.
+            let added = out.get(from..).unwrap_or_default();
+            let ok = added.is_sorted_by(|a, b| a.id < b.id)
+                && added.iter().all(|r| fmt::chunk_of(&r.id) == k);
+            if !ok {
+                return Ok(None);
             }
         }
         Ok(Some(out))

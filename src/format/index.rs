@@ -188,18 +188,19 @@ pub(crate) fn decode_frame(b: &[u8]) -> Option<(Frame, usize)> {
     Some((frame, FRAME_HEADER_LEN + len))
 }
 
-/// Bytes read as part of a larger buffer (a chunk of the index), sharing it: a chunk's records
-/// cost one allocation between them rather than two each.
+/// Bytes read as part of a larger buffer (the index's chunks, read into one), sharing it: the
+/// records read together cost one allocation between them rather than two each, and that one
+/// is large enough for the allocator to hand back to the system when it is freed.
 #[derive(Clone)]
 pub(crate) struct Shared {
-    buf: Arc<[u8]>,
+    buf: Arc<Vec<u8>>,
     start: usize,
     end: usize,
 }
 
 impl Shared {
-    /// `part` of `buf`, which it must lie within (else empty).
-    fn within(buf: &Arc<[u8]>, part: &[u8]) -> Shared {
+    /// `part` of `buf`, which it must lie within (else a copy of `part`).
+    fn within(buf: &Arc<Vec<u8>>, part: &[u8]) -> Shared {
         let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
         let end = start.wrapping_add(part.len());
         if buf.get(start..end).is_none() {
@@ -217,7 +218,7 @@ impl From<Vec<u8>> for Shared {
     fn from(v: Vec<u8>) -> Shared {
         let end = v.len();
         Shared {
-            buf: Arc::from(v),
+            buf: Arc::new(v),
             start: 0,
             end,
         }
@@ -285,19 +286,37 @@ pub(crate) fn encode_chunk(records: &[IndexRecord]) -> Vec<u8> {
     postcard::to_allocvec(records).unwrap_or_default()
 }
 
-/// Decodes a chunk; its records share one copy of it.
+/// The number of records a chunk says it holds (its first varint), for reserving room; 0 when
+/// it does not start with one.
+pub(crate) fn chunk_len(b: &[u8]) -> usize {
+    postcard::take_from_bytes::<usize>(b).map_or(0, |(n, _)| n)
+}
+
+/// Decodes the chunk at `range` of `buf` and appends its records to `out`, which share `buf`.
+/// On an error `out` is unchanged.
+pub(crate) fn decode_chunk_into(
+    buf: &Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+    out: &mut Vec<IndexRecord>,
+) -> Result<(), String> {
+    let b = buf.get(range).ok_or("chunk out of range")?;
+    let refs: Vec<RecordRef<'_>> = decode_exact(b)?;
+    out.extend(refs.into_iter().map(|r| IndexRecord {
+        id: r.id,
+        resume: r.resume,
+        state: Shared::within(buf, r.state),
+        manifest: Shared::within(buf, r.manifest),
+    }));
+    Ok(())
+}
+
+/// Decodes one chunk on its own.
+#[cfg(test)]
 pub(crate) fn decode_chunk(b: &[u8]) -> Result<Vec<IndexRecord>, String> {
-    let buf: Arc<[u8]> = Arc::from(b);
-    let refs: Vec<RecordRef<'_>> = decode_exact(&buf)?;
-    Ok(refs
-        .into_iter()
-        .map(|r| IndexRecord {
-            id: r.id,
-            resume: r.resume,
-            state: Shared::within(&buf, r.state),
-            manifest: Shared::within(&buf, r.manifest),
-        })
-        .collect())
+    let buf = Arc::new(b.to_vec());
+    let mut out = Vec::with_capacity(chunk_len(b));
+    decode_chunk_into(&buf, 0..b.len(), &mut out)?;
+    Ok(out)
 }
 
 /// The index's bookkeeping, kept beside the chunks.
@@ -401,6 +420,8 @@ mod tests {
         assert_eq!(postcard::to_allocvec(&vec![plain]).ok(), Some(c.clone()));
         assert_eq!(decode_chunk(&c), Ok(vec![r]));
         assert!(decode_chunk(&c[..c.len() - 1]).is_err());
+        assert_eq!(chunk_len(&c), 1);
+        assert_eq!(chunk_len(&[]), 0);
         let m = IndexMeta {
             generation: [2; 16],
             consumed: 56,

@@ -1096,33 +1096,36 @@ fn plan_with<R: Planned>(
         .collect();
     cancels
         .sort_unstable_by(|(a, _), (b, _)| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
-    let decide_range = |range: std::ops::Range<usize>| -> Vec<Action> {
-        let mut v = Vec::with_capacity(range.len());
+    let decide_range = |range: std::ops::Range<usize>, v: &mut Vec<Action>| {
         for i in range {
             if let Some((_, r)) = inp.recs.get(i) {
                 v.push(per_record(r, task_at(m.record_task.get(i))));
             }
         }
-        v
     };
     let n = inp.recs.len();
-    let mut actions = if n >= parallel_from {
+    // Room for every action up front: the plan of a large store is one allocation.
+    let mut actions = Vec::with_capacity(n + inp.corrupt.len() + cancels.len());
+    if n >= parallel_from {
         // Deciding is independent per record: a large plan uses a second core.
         let split = n / 2;
         std::thread::scope(|s| {
             let second = std::thread::Builder::new()
                 .name("waybill-plan".into())
-                .spawn_scoped(s, || decide_range(split..n));
-            let mut first = decide_range(0..split);
+                .spawn_scoped(s, || {
+                    let mut v = Vec::with_capacity(n - split);
+                    decide_range(split..n, &mut v);
+                    v
+                });
+            decide_range(0..split, &mut actions);
             match second {
-                Ok(h) => first.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
-                Err(_) => first.extend(decide_range(split..n)),
+                Ok(h) => actions.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                Err(_) => decide_range(split..n, &mut actions),
             }
-            first
-        })
+        });
     } else {
-        decide_range(0..n)
-    };
+        decide_range(0..n, &mut actions);
+    }
     if !inp.corrupt.is_empty() {
         // Records and corrupt ids are both in id order: merge them.
         let quarantines =
