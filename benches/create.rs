@@ -9,6 +9,11 @@
 //! Goal 4, a batch of 10,000: at least 10× the throughput of creating them one by one, and at
 //! most 2 s. Shown next to SQLite inserting the same rows in one transaction. One-by-one
 //! creation is measured on 200 transfers per round and scaled: 10,000 would take ~20 s a round.
+//! Also shown next to the layout's own floor: the same directory operations done bare (per
+//! transfer a directory made, the state and manifest files created and written, the payload
+//! hard-linked, the directory renamed into place; one `syncfs` and one directory `fsync` for the
+//! whole batch), which is what the file system charges for the on-disk layout, before any
+//! library work.
 
 #![allow(
     clippy::unwrap_used,
@@ -145,6 +150,44 @@ fn one(c: &mut Criterion) {
     g.finish();
 }
 
+/// The on-disk layout's floor for a batch of `n`: what `create_batch` asks of the file system,
+/// done bare.
+fn layout_floor(dir: &Path, src: &Path, n: usize, round: usize) {
+    let staging = dir.join(format!("floor-staging-{round}"));
+    let live = dir.join(format!("floor-transfers-{round}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&live).unwrap();
+    // Linux syncs the whole file system once; elsewhere each file is synced as it is written.
+    let once = cfg!(target_os = "linux");
+    let create = |p: PathBuf, bytes: &[u8]| {
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .unwrap();
+        f.write_all(bytes).unwrap();
+        if !once {
+            f.sync_data().unwrap();
+        }
+    };
+    for i in 0..n {
+        let d = staging.join(i.to_string());
+        std::fs::create_dir(&d).unwrap();
+        create(d.join("state"), &[0x53; 35]);
+        std::fs::hard_link(src, d.join("payload")).unwrap();
+        create(d.join("manifest"), &[0x4d; 207]);
+    }
+    let top = File::open(&staging).unwrap();
+    if once {
+        rustix::fs::syncfs(&top).unwrap();
+    }
+    for i in 0..n {
+        std::fs::rename(staging.join(i.to_string()), live.join(i.to_string())).unwrap();
+    }
+    File::open(&live).unwrap().sync_all().unwrap();
+}
+
 fn batch(_: &mut Criterion) {
     let dir = common::scratch();
     let src = dir.path().join("photo.jpg");
@@ -154,9 +197,10 @@ fn batch(_: &mut Criterion) {
     let mut db = sqlite(&dir.path().join("batch.sqlite"));
     let (manifest, state) = row();
     let mut next = 0usize;
-    let (mut batch, mut single, mut lite) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut batch, mut single, mut lite, mut floor) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
-        let mut order: Vec<u8> = vec![0, 1, 2];
+        let mut order: Vec<u8> = vec![0, 1, 2, 3];
         order.rotate_left(round);
         for which in order {
             let t = Instant::now();
@@ -173,6 +217,10 @@ fn batch(_: &mut Criterion) {
                     }
                     next += ONE_BY_ONE;
                     single.push(t.elapsed().as_secs_f64() * (BATCH / ONE_BY_ONE) as f64);
+                }
+                3 => {
+                    layout_floor(dir.path(), &src, BATCH, round);
+                    floor.push(t.elapsed().as_secs_f64());
                 }
                 _ => {
                     let tx = db.transaction().unwrap();
@@ -192,6 +240,7 @@ fn batch(_: &mut Criterion) {
     }
     let speedups: Vec<f64> = single.iter().zip(&batch).map(|(s, b)| s / b).collect();
     let vs_sqlite: Vec<f64> = batch.iter().zip(&lite).map(|(b, l)| b / l).collect();
+    let vs_floor: Vec<f64> = batch.iter().zip(&floor).map(|(b, f)| b / f).collect();
     let med = |v: &[f64]| common::median(&mut v.to_vec());
     let secs = |s: f64| common::fmt_duration(Duration::from_secs_f64(s));
     println!("\nbatch create of {BATCH} (3 alternating runs; medians)");
@@ -206,6 +255,10 @@ fn batch(_: &mut Criterion) {
     );
     println!("  SQLite, one transaction         {:>10}", secs(med(&lite)));
     println!(
+        "  the layout's floor (bare fs)    {:>10}   (the same directory operations, one syncfs)",
+        secs(med(&floor))
+    );
+    println!(
         "  batch throughput / one by one:  {:.1}x (runs: {:.1?}; goal >= 10x)",
         med(&speedups),
         speedups
@@ -214,6 +267,11 @@ fn batch(_: &mut Criterion) {
         "  batch time / SQLite one txn:    {:.2}x (runs: {:.2?})",
         med(&vs_sqlite),
         vs_sqlite
+    );
+    println!(
+        "  batch time / the layout's floor: {:.2}x (runs: {:.2?})",
+        med(&vs_floor),
+        vs_floor
     );
 }
 

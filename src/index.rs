@@ -242,13 +242,22 @@ impl Journal {
     /// When it cannot be recorded, the index is deleted (it is rebuilt from the directories
     /// when next opened) so it never goes stale; only when that fails too does the change fail.
     pub(crate) fn intent(&self, root: &Path, id: TransferId) -> Result<()> {
-        let Err(e) = self.append_intent(id) else {
+        self.intents(root, &[id])
+    }
+
+    /// [`Journal::intent`] for several transfers at once, in one append.
+    pub(crate) fn intents(&self, root: &Path, ids: &[TransferId]) -> Result<()> {
+        let frames: Vec<u8> = ids
+            .iter()
+            .flat_map(|id| fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[]))
+            .collect();
+        let Err(e) = self.append(&frames) else {
             return Ok(());
         };
         let index = root.join(INDEX_FILE);
         match std::fs::remove_file(&index) {
             Ok(()) => {
-                tracing::warn!(transfer = %id, error = %e, "could not journal a change; the index was deleted and will be rebuilt");
+                tracing::warn!(transfers = ids.len(), error = %e, "could not journal a change; the index was deleted and will be rebuilt");
                 Ok(())
             }
             Err(r) if r.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -270,10 +279,18 @@ impl Journal {
     /// Records what `id` is after a change, under the same lock as its intent. A failure only
     /// costs the index holder a read of the transfer's directory (the intent stands).
     pub(crate) fn entry(&self, id: TransferId, body: &EntryBody) {
-        let payload = postcard::to_allocvec(body).unwrap_or_default();
-        let frame = fmt::encode_frame(fmt::TAG_ENTRY, id.as_bytes(), &payload);
-        if let Err(e) = self.append(&frame) {
-            tracing::warn!(transfer = %id, error = %e, "could not journal a change; the index holder will read the transfer instead");
+        self.entries(&[(id, body)]);
+    }
+
+    /// [`Journal::entry`] for several transfers at once, in one append.
+    pub(crate) fn entries(&self, items: &[(TransferId, &EntryBody)]) {
+        let mut frames = Vec::new();
+        for (id, body) in items {
+            let payload = postcard::to_allocvec(body).unwrap_or_default();
+            frames.extend(fmt::encode_frame(fmt::TAG_ENTRY, id.as_bytes(), &payload));
+        }
+        if let Err(e) = self.append(&frames) {
+            tracing::warn!(transfers = items.len(), error = %e, "could not journal a change; the index holder will read the transfers instead");
         }
     }
 
@@ -1078,6 +1095,44 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].state.binding, Some(b));
         assert_follows(&holder, "after the lost entry");
+    }
+
+    #[test]
+    fn a_batch_killed_before_its_entries_is_read_from_the_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let holder = Store::open(d.path()).unwrap();
+        ids(1, &holder);
+        holder.list(&Filter::all()).unwrap();
+        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let before = frames(d.path()).len();
+        let batch = other
+            .create_batch(
+                (0..20)
+                    .map(|i| NewTransfer::download(format!("https://x/b{i}")))
+                    .collect(),
+            )
+            .unwrap();
+        let f = frames(d.path());
+        assert_eq!(f.len(), before + 40, "an intent and an entry per member");
+        // The process died after the members were renamed into place, before their entries
+        // were journaled: each member's intent alone must send the holder to its directory.
+        let (first_entry_at, _) = f[before + 20];
+        let j = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(JOURNAL_FILE))
+            .unwrap();
+        j.set_len(first_entry_at as u64).unwrap();
+        let listed: BTreeSet<TransferId> = holder
+            .list(&Filter::all())
+            .unwrap()
+            .iter()
+            .map(Transfer::id)
+            .collect();
+        assert!(
+            batch.iter().all(|id| listed.contains(id)),
+            "every member listed"
+        );
+        assert_follows(&holder, "after the lost entries");
     }
 
     #[test]

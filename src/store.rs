@@ -1244,11 +1244,8 @@ impl Store {
             let mut failed = None;
             if let Some(j) = &self.core.journal {
                 // Each member's lock is held from here until its entry is journaled.
-                let mut intents = Ok(());
-                for s in &staged {
-                    intents = intents.and_then(|()| j.intent(&self.core.root, s.id));
-                }
-                if let Err(e) = intents {
+                let ids: Vec<TransferId> = staged.iter().map(|s| s.id).collect();
+                if let Err(e) = j.intents(&self.core.root, &ids) {
                     for s in &staged {
                         let _ = self.core.fs.remove_tree(&s.dir);
                     }
@@ -1274,21 +1271,27 @@ impl Store {
                 }
                 return Err(e);
             }
+            let mut bodies = Vec::with_capacity(staged.len());
+            let mut locks = Vec::with_capacity(staged.len());
             for s in staged {
-                if let Some(j) = &self.core.journal {
-                    let (manifest, state) = s.files;
-                    j.entry(
-                        s.id,
-                        &crate::format::index::EntryBody {
-                            state,
-                            resume: false,
-                            manifest: Some(manifest),
-                        },
-                    );
-                }
+                let (manifest, state) = s.files;
+                bodies.push((
+                    s.id,
+                    crate::format::index::EntryBody {
+                        state,
+                        resume: false,
+                        manifest: Some(manifest),
+                    },
+                ));
                 manifests.push((s.id, s.manifest));
-                drop(s.state);
+                locks.push(s.state);
             }
+            if let Some(j) = &self.core.journal {
+                let items: Vec<_> = bodies.iter().map(|(id, b)| (*id, b)).collect();
+                j.entries(&items);
+            }
+            // The members' locks are held until their entries are journaled.
+            drop(locks);
         }
         if let Err(e) = self.core.fs.sync_dir(&transfers) {
             // Not acknowledged: take the batch back out so an `Err` leaves nothing visible.
