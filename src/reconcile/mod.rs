@@ -731,11 +731,10 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         sessions,
     } = inp;
     let n = recs.len();
-    let mut by_id: FxMap<TransferId, usize> =
-        FxMap::with_capacity_and_hasher(n, Default::default());
+    // Records are in id order (see `inputs`): an id is found by binary search.
+    let by_id = |id: TransferId| recs.binary_search_by_key(&id, |(rid, _)| *rid).ok();
     let mut by_tag: FxMap<(u32, &str), Cands> = FxMap::default();
     for (i, ((id, r), &s)) in recs.iter().zip(rec_session.iter()).enumerate() {
-        by_id.insert(*id, i);
         // Tags other than the id itself (the id is found through `by_id`).
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let own: &str = uuid::Uuid::from_bytes(*id.as_bytes())
@@ -767,7 +766,7 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         cands.clear();
         if let Some(tag) = task.tag.as_deref() {
             let as_id = TransferId::parse_canonical(tag);
-            if let Some(&i) = as_id.and_then(|id| by_id.get(&id))
+            if let Some(i) = as_id.and_then(by_id)
                 && rec_session.get(i) == Some(&s)
             {
                 cands.push(i);
