@@ -1068,6 +1068,15 @@ mod tests {
         out
     }
 
+    /// Cuts the journal at byte `at`, as if the process appending it was killed there.
+    fn cut_journal(root: &Path, at: usize) {
+        let j = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join(JOURNAL_FILE))
+            .unwrap();
+        j.set_len(at as u64).unwrap();
+    }
+
     #[test]
     fn a_change_killed_before_its_entry_is_read_from_the_directory() {
         let d = tempfile::tempdir().unwrap();
@@ -1086,11 +1095,7 @@ mod tests {
         assert_eq!(f.len(), before + 2, "an intent and an entry");
         // The process died after writing the state and before journaling the entry.
         let (last_at, _) = f[f.len() - 1];
-        let j = std::fs::OpenOptions::new()
-            .write(true)
-            .open(d.path().join(JOURNAL_FILE))
-            .unwrap();
-        j.set_len(last_at as u64).unwrap();
+        cut_journal(d.path(), last_at);
         let t = holder.list(&Filter::all()).unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].state.binding, Some(b));
@@ -1117,11 +1122,7 @@ mod tests {
         // The process died after the members were renamed into place, before their entries
         // were journaled: each member's intent alone must send the holder to its directory.
         let (first_entry_at, _) = f[before + 20];
-        let j = std::fs::OpenOptions::new()
-            .write(true)
-            .open(d.path().join(JOURNAL_FILE))
-            .unwrap();
-        j.set_len(first_entry_at as u64).unwrap();
+        cut_journal(d.path(), first_entry_at);
         let listed: BTreeSet<TransferId> = holder
             .list(&Filter::all())
             .unwrap()
