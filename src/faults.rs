@@ -116,6 +116,20 @@ impl Backend for Faulty {
     fn read_at(&self, f: &Handle, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
         faulty!(self, "read", Call::Read, Real.read_at(f, offset, len, buf))
     }
+    fn read_at_once(
+        &self,
+        f: &Handle,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        faulty!(
+            self,
+            "read",
+            Call::Read,
+            Real.read_at_once(f, offset, len, buf)
+        )
+    }
     fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
         match self.tick("write_at", Call::Write) {
             Some(e) if self.fault == Fault::ShortWrite => {

@@ -253,6 +253,32 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         Ok(got)
     }
 
+    /// One read of up to `len` bytes at `offset`, appending to `buf`: it may return fewer
+    /// before the end of the file (then [`Backend::read_at`] reads on). Saves the second call
+    /// a read to the end of a file otherwise makes to find that end.
+    fn read_at_once(
+        &self,
+        f: &Handle,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        #[cfg(unix)]
+        if let Ok(file) = f.real() {
+            let start = buf.len();
+            buf.resize(start + len, 0);
+            let r = loop {
+                match file.read_at(buf.get_mut(start..).unwrap_or_default(), offset) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            buf.truncate(start + *r.as_ref().unwrap_or(&0));
+            return r;
+        }
+        self.read_at(f, offset, len, buf)
+    }
+
     /// Writes all of `bytes` at `offset`.
     fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let f = f.real()?;
@@ -397,6 +423,11 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
             Err(TryLockError::WouldBlock) => Ok(false),
             Err(TryLockError::Error(e)) => Err(e),
         }
+    }
+
+    /// Releases the lock [`Backend::try_lock`] took, keeping the file open.
+    fn unlock(&self, f: &Handle) -> io::Result<()> {
+        f.real()?.unlock()
     }
 }
 
@@ -622,9 +653,17 @@ impl Fs {
         if buf.len() < FIRST {
             return Ok(buf);
         }
-        // Slot 1, if the file reaches it.
+        // Slot 1, if the file reaches it: one read, and a second only when what the first
+        // returned ends before the slot its header describes.
         let mut s1 = Vec::with_capacity(FIRST);
-        let got = read(SLOT_CAPACITY as u64, FIRST, &mut s1)?;
+        let mut got = self
+            .b
+            .read_at_once(f, SLOT_CAPACITY as u64, FIRST, &mut s1)
+            .map_err(|e| Error::io("read", path, e))?;
+        let whole = |s: &[u8]| slot_len_hint(s).is_some_and(|n| SLOT_HEADER_LEN + n <= s.len());
+        if got > 0 && got < FIRST && !whole(&s1) {
+            got += read((SLOT_CAPACITY + got) as u64, FIRST - got, &mut s1)?;
+        }
         if got == 0 {
             // The file may still end inside slot 0's region past what was read; what lies
             // there is not part of slot 0's body, so it does not matter.
@@ -844,6 +883,11 @@ impl Fs {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("stat", path, e)),
         }
+    }
+
+    /// Releases the lock [`Fs::lock`] took; the file stays open.
+    pub(crate) fn unlock(&self, f: &Handle, path: &Path) -> Result<()> {
+        self.b.unlock(f).map_err(|e| Error::io("unlock", path, e))
     }
 
     /// Tries an exclusive advisory lock once. Returns false if another handle holds it.

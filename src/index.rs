@@ -90,8 +90,38 @@ pub(crate) struct Journal {
     /// Appends from this process go one at a time: the shared lock is per open file, so one
     /// thread's unlock would otherwise end another's.
     file: Mutex<File>,
+    /// How many changes in this process keep the shared lock between their intent and their
+    /// entry ([`Journal::intent_held`]); the lock is released when the last one ends. Read and
+    /// written only with `file` locked.
+    holds: std::sync::atomic::AtomicUsize,
     boot: Boot,
     lock_timeout: Duration,
+}
+
+/// A change under way: this process keeps its shared lock on the journal from the change's
+/// intent to its entry, so the pair costs one lock and one unlock, not two of each.
+#[derive(Debug)]
+pub(crate) struct Held<'a> {
+    journal: &'a Journal,
+}
+
+impl Held<'_> {
+    /// [`Journal::entries`] for the change this hold began with.
+    pub(crate) fn entry(self, id: TransferId, body: &EntryBody) {
+        self.journal.entries(&[(id, body)]);
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = self.journal.file.lock().unwrap_or_else(|p| p.into_inner());
+        if self.journal.holds.fetch_sub(1, Relaxed) == 1
+            && let Err(e) = f.unlock()
+        {
+            tracing::warn!(error = %e, "could not unlock the journal");
+        }
+    }
 }
 
 fn open_journal_file(path: &Path, create: bool) -> std::io::Result<File> {
@@ -166,6 +196,7 @@ impl Journal {
         let j = Journal {
             path,
             file: Mutex::new(file),
+            holds: std::sync::atomic::AtomicUsize::new(0),
             boot,
             lock_timeout,
         };
@@ -225,17 +256,45 @@ impl Journal {
     }
 
     fn append(&self, frame: &[u8]) -> Result<()> {
+        self.append_keep(frame, false)
+    }
+
+    /// Appends under the shared lock (taken unless a hold of this process has it); with
+    /// `keep`, a successful append adds a hold and leaves the lock taken.
+    fn append_keep(&self, frame: &[u8], keep: bool) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let io = |op, e| Error::io(op, &self.path, e);
-        if !lock_within(&f, true, self.lock_timeout).map_err(|e| io("lock", e))? {
+        let held = self.holds.load(Relaxed) > 0;
+        if !held && !lock_within(&f, true, self.lock_timeout).map_err(|e| io("lock", e))? {
             return Err(crate::error::ErrorKind::Busy {
                 path: self.path.clone(),
             }
             .into());
         }
         let r = (&*f).write_all(frame).map_err(|e| io("append", e));
+        if keep && r.is_ok() {
+            self.holds.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        if held {
+            return r;
+        }
         let u = f.unlock().map_err(|e| io("unlock", e));
         r.and(u)
+    }
+
+    /// [`Journal::intent`], keeping this process's shared lock on the journal until the
+    /// returned hold's entry (or its drop). `None` when the intent could not be journaled and
+    /// the index was deleted instead.
+    pub(crate) fn intent_held(&self, root: &Path, id: TransferId) -> Result<Option<Held<'_>>> {
+        match self.append_keep(
+            &fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[]),
+            true,
+        ) {
+            Ok(()) => Ok(Some(Held { journal: self })),
+            Err(e) => self.lost_intents(root, 1, e).map(|()| None),
+        }
     }
 
     /// Records that `id` may change now. Called under the transfer's lock, before the change.
@@ -251,13 +310,18 @@ impl Journal {
             .iter()
             .flat_map(|id| fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[]))
             .collect();
-        let Err(e) = self.append(&frames) else {
-            return Ok(());
-        };
+        match self.append(&frames) {
+            Ok(()) => Ok(()),
+            Err(e) => self.lost_intents(root, ids.len(), e),
+        }
+    }
+
+    /// After intents could not be journaled (`e`): deletes the index so it never goes stale.
+    fn lost_intents(&self, root: &Path, transfers: usize, e: Error) -> Result<()> {
         let index = root.join(INDEX_FILE);
         match std::fs::remove_file(&index) {
             Ok(()) => {
-                tracing::warn!(transfers = ids.len(), error = %e, "could not journal a change; the index was deleted and will be rebuilt");
+                tracing::warn!(transfers, error = %e, "could not journal a change; the index was deleted and will be rebuilt");
                 Ok(())
             }
             Err(r) if r.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -276,13 +340,9 @@ impl Journal {
         }
     }
 
-    /// Records what `id` is after a change, under the same lock as its intent. A failure only
-    /// costs the index holder a read of the transfer's directory (the intent stands).
-    pub(crate) fn entry(&self, id: TransferId, body: &EntryBody) {
-        self.entries(&[(id, body)]);
-    }
-
-    /// [`Journal::entry`] for several transfers at once, in one append.
+    /// Records what transfers are after a change, under the same lock as their intents, in one
+    /// append. A failure only costs the index holder a read of their directories (the intents
+    /// stand).
     pub(crate) fn entries(&self, items: &[(TransferId, &EntryBody)]) {
         let mut frames = Vec::new();
         for (id, body) in items {

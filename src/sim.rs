@@ -1019,6 +1019,10 @@ impl Backend for Sim {
         // One process at a time runs on a simulated file system.
         sim(f).map(|_| true)
     }
+
+    fn unlock(&self, f: &Handle) -> io::Result<()> {
+        sim(f).map(|_| ())
+    }
 }
 
 #[cfg(test)]

@@ -417,9 +417,56 @@ pub(crate) struct Core {
     flush_interval: Duration,
     manifests: Mutex<HashMap<TransferId, Arc<Manifest>>>,
     pending: Mutex<HashMap<TransferId, PendingProgress>>,
+    /// State files kept open (and unlocked) after an update, oldest first, each with the
+    /// metadata its directory had then: the next update of the same transfer locks the open
+    /// file and checks the directory instead of opening the file again.
+    open_states: Mutex<std::collections::VecDeque<OpenState>>,
     /// The change journal (real file system only; `None` where this system cannot tell its
     /// boots apart, or on a store opened read-only without one).
     pub(crate) journal: Option<crate::index::Journal>,
+}
+
+/// How many state files a store keeps open between updates (file descriptors are a limited
+/// resource in an app: 256 by default on iOS).
+const OPEN_STATES: usize = 16;
+
+/// A state file kept open between updates.
+#[derive(Debug)]
+struct OpenState {
+    id: TransferId,
+    file: Handle,
+    /// The transfer directory's metadata when the file was last locked in it.
+    dir: wfs::Meta,
+}
+
+/// A state file locked for a change.
+pub(crate) struct LockedState {
+    pub(crate) file: Handle,
+    pub(crate) path: PathBuf,
+    pub(crate) dir: PathBuf,
+    /// Whether the file was created (its directory then needs a sync).
+    pub(crate) created: bool,
+    /// The directory's metadata, checked after the lock was taken.
+    dir_meta: wfs::Meta,
+}
+
+/// True when `now` is the entry `before` described (a rename or removal by another process
+/// makes it false).
+fn same_entry(now: &wfs::Meta, before: &wfs::Meta) -> bool {
+    if cfg!(unix) {
+        (now.dev, now.ino, now.kind) == (before.dev, before.ino, before.kind)
+    } else {
+        now.kind == before.kind
+    }
+}
+
+/// True when `now` is the directory `then` described: the same inode, not changed since. Any
+/// change to the directory (a file added or removed in it) makes it false, as does the name
+/// now being a different directory that happens to reuse the inode number.
+fn same_dir(now: &wfs::Meta, then: &wfs::Meta) -> bool {
+    cfg!(unix)
+        && now.is_dir()
+        && (now.dev, now.ino, now.mtime_ns) == (then.dev, then.ino, then.mtime_ns)
 }
 
 impl fmt::Debug for Store {
@@ -593,6 +640,12 @@ impl Core {
     /// inode and made every durable update about 1.5× as slow on ext4. Nothing replaces a
     /// state file inside its directory; removal and quarantine move the whole directory.
     pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
+        self.lock_state_meta(id)
+            .map(|l| (l.file, l.path, l.dir, l.created))
+    }
+
+    /// [`Core::lock_state`], with the directory's metadata as seen after the lock was taken.
+    fn lock_state_meta(&self, id: TransferId) -> Result<LockedState> {
         for _ in 0..3 {
             let (dir, before) = self.checked_dir_meta(id)?;
             let path = dir.join(STATE);
@@ -602,10 +655,20 @@ impl Core {
                 Err(e) => return Err(e),
             };
             self.fs.lock(&file, &path, self.lock_timeout)?;
-            if self.fs.same_entry(&dir, &before)? {
-                return Ok((file, path, dir, created));
+            match self.fs.lstat(&dir) {
+                Ok(m) if same_entry(&m, &before) => {
+                    return Ok(LockedState {
+                        file,
+                        path,
+                        dir,
+                        created,
+                        dir_meta: m,
+                    });
+                }
+                Err(e) if !e.is_not_found_io() => return Err(e),
+                // Moved or replaced while we waited: look again (NotFound if it is gone).
+                _ => {}
             }
-            // Moved or replaced while we waited: look again (NotFound if it is gone).
         }
         Err(ErrorKind::Busy {
             path: self.transfer_dir(id).join(STATE),
@@ -613,12 +676,68 @@ impl Core {
         .into())
     }
 
-    /// Journals what `id` is now (its newest state slot `state`), under its lock.
-    fn journal_entry(&self, id: TransferId, manifest: &Manifest, dir: &Path, state: Vec<u8>) {
-        if let Some(j) = &self.journal {
+    /// [`Core::lock_state`] for an update: first tries a state file kept open by the last update
+    /// of `id` (a lock, and a check that its directory is unchanged, instead of an open).
+    fn lock_state_for_update(&self, id: TransferId) -> Result<LockedState> {
+        let kept = {
+            let mut g = lock(&self.open_states);
+            g.iter().position(|o| o.id == id).and_then(|i| g.remove(i))
+        };
+        if let Some(o) = kept {
+            let dir = self.transfer_dir(id);
+            let path = dir.join(STATE);
+            self.fs.lock(&o.file, &path, self.lock_timeout)?;
+            if let Ok(m) = self.fs.lstat(&dir)
+                && same_dir(&m, &o.dir)
+            {
+                return Ok(LockedState {
+                    file: o.file,
+                    path,
+                    dir,
+                    created: false,
+                    dir_meta: m,
+                });
+            }
+            // Moved, replaced or changed since: open it afresh (dropping `o` unlocks it).
+        }
+        self.lock_state_meta(id)
+    }
+
+    /// Unlocks a state file after an update and keeps it open for the next one.
+    fn keep_state(&self, id: TransferId, l: LockedState) {
+        if !cfg!(unix) || self.fs.unlock(&l.file, &l.path).is_err() {
+            return; // Dropping it closes the file, which releases the lock.
+        }
+        let mut g = lock(&self.open_states);
+        g.push_back(OpenState {
+            id,
+            file: l.file,
+            dir: l.dir_meta,
+        });
+        if g.len() > OPEN_STATES {
+            g.pop_front();
+        }
+    }
+
+    /// Closes the state file kept open for `id`, if any (its directory is going away).
+    pub(crate) fn forget_state(&self, id: TransferId) {
+        lock(&self.open_states).retain(|o| o.id != id);
+    }
+
+    /// Journals what `id` is now (its newest state slot `state`), under its lock, with the
+    /// hold its intent began.
+    fn journal_entry(
+        &self,
+        held: Option<crate::index::Held<'_>>,
+        id: TransferId,
+        manifest: &Manifest,
+        dir: &Path,
+        state: Vec<u8>,
+    ) {
+        if let Some(h) = held {
             let resume = manifest.kind == Kind::Download
                 && self.fs.lstat(&dir.join(RESUME)).is_ok_and(|m| m.is_file());
-            j.entry(
+            h.entry(
                 id,
                 &crate::format::index::EntryBody {
                     state,
@@ -639,12 +758,14 @@ impl Core {
     ) -> Result<R> {
         self.fs.check()?;
         let manifest = self.manifest(id)?;
-        let (file, path, dir, created) = self.lock_state(id)?;
-        if let Some(j) = &self.journal {
-            j.intent(&self.root, id)?;
-        }
-        let bytes = self.fs.read_state_slots(&file, &path)?;
-        let (mut state, newest) = self.decode_state(id, &path, &bytes);
+        let locked = self.lock_state_for_update(id)?;
+        let (file, path, dir, created) = (&locked.file, &locked.path, &locked.dir, locked.created);
+        let held = match &self.journal {
+            Some(j) => j.intent_held(&self.root, id)?,
+            None => None,
+        };
+        let bytes = self.fs.read_state_slots(file, path)?;
+        let (mut state, newest) = self.decode_state(id, path, &bytes);
         if newest.is_none() {
             tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
         }
@@ -662,14 +783,15 @@ impl Core {
             state.bytes_total = p.total.or(state.bytes_total);
             changed = true;
         }
-        let (answer, f_changed) = f(&manifest, &mut state, &dir)?;
+        let (answer, f_changed) = f(&manifest, &mut state, dir)?;
+        let mut keep = false;
         if changed || f_changed {
             let (slot, seq) = match newest {
                 Some((i, seq)) => (
                     1 - i,
                     seq.checked_add(1).ok_or_else(|| {
                         Error::corrupt(
-                            &path,
+                            path,
                             Corruption::Length {
                                 slot: Some(i as u8),
                                 found: seq,
@@ -682,18 +804,20 @@ impl Core {
             };
             let enc = state_fmt::encode_slot(seq, &state)?;
             self.fs
-                .write_at(&file, &path, (slot * state_fmt::SLOT_CAPACITY) as u64, &enc)?;
-            self.fs.sync_data(&file, &path)?;
+                .write_at(file, path, (slot * state_fmt::SLOT_CAPACITY) as u64, &enc)?;
+            self.fs.sync_data(file, path)?;
             if created {
-                self.fs.sync_dir(&dir)?;
+                self.fs.sync_dir(dir)?;
             }
-            self.journal_entry(id, &manifest, &dir, enc);
+            self.journal_entry(held, id, &manifest, dir, enc);
             tracing::debug!(transfer = %id, op, phase = %state.phase, seq, "state written");
+            keep = true;
         } else {
             // `f` may have changed files (resume data) or moved the directory away (a purge):
             // an entry only for a directory still in place; the intent covers the rest.
-            if self.journal.is_some() && self.fs.lstat(&dir).is_ok_and(|m| m.is_dir()) {
-                self.journal_entry(id, &manifest, &dir, crate::index::newest_slot(&bytes));
+            if held.is_some() && self.fs.lstat(dir).is_ok_and(|m| m.is_dir()) {
+                let newest = crate::index::newest_slot(&bytes);
+                self.journal_entry(held, id, &manifest, dir, newest);
             }
             tracing::debug!(transfer = %id, op, "no change");
         }
@@ -705,6 +829,9 @@ impl Core {
                 cur.dirty = false;
                 cur.last_flush = Instant::now();
             }
+        }
+        if keep {
+            self.keep_state(id, locked);
         }
         Ok(answer)
     }
@@ -958,6 +1085,7 @@ impl Store {
             flush_interval: cfg.flush_interval,
             manifests: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            open_states: Mutex::new(std::collections::VecDeque::new()),
             journal,
         });
         let mut store = Store {
@@ -1976,6 +2104,7 @@ impl Store {
     }
 
     fn forget(&self, id: TransferId) {
+        self.core.forget_state(id);
         lock(&self.core.manifests).remove(&id);
         lock(&self.core.pending).remove(&id);
         let mut idx = lock(&self.index);
@@ -2013,6 +2142,7 @@ impl Store {
             j.intent(&self.core.root, id)?;
         }
         let to = self.dir(QUARANTINE).join(id.to_string());
+        self.core.forget_state(id);
         self.core.fs.rename(&from, &to)?;
         if let Some(j) = &self.core.journal {
             j.after(&self.core.root, id);

@@ -115,3 +115,30 @@ fn missing_state_file_is_rebuilt_not_an_error() -> TestResult {
     assert_eq!(store.get(id)?.state.phase, Phase::Completed);
     Ok(())
 }
+
+#[test]
+fn a_newest_slot_cut_short_by_the_end_of_the_file_falls_back_to_the_other() -> TestResult {
+    let t = TempStore::new()?;
+    let store = Store::open(t.root())?;
+    let id = store.create(NewTransfer::download("https://example.com/f"))?; // seq 1 -> slot 0
+    store.progress(id, 100, Some(1000), Durability::Immediate)?; // seq 2 -> slot 1
+    let path = state_path(&t.root(), id);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let slot0 = std::fs::read(&path)?[..SLOT_CAPACITY as usize].to_vec();
+
+    // Slot 1's header made it, its body did not: the file ends a few bytes into the body.
+    for cut in [4, 30, 40] {
+        f.set_len(SLOT_CAPACITY + cut)?;
+        let s = store.get(id)?.state;
+        assert_eq!(s.bytes_done, 0, "cut at {cut}: slot 0 used");
+        assert!(!s.rebuilt);
+    }
+    // The next update rewrites slot 1, never slot 0.
+    store.progress(id, 200, Some(1000), Durability::Immediate)?;
+    assert_eq!(store.get(id)?.state.bytes_done, 200);
+    assert_eq!(std::fs::read(&path)?[..SLOT_CAPACITY as usize], slot0[..]);
+    Ok(())
+}
