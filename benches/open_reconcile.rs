@@ -1,7 +1,9 @@
 //! Open + reconcile plan at N records, warm and cold, next to the anchors, and resident memory
-//! per record. A harness of its own (not criterion): each figure is the median of 3 runs, and
-//! cold runs drop the page cache first (`/proc/sys/vm/drop_caches`, root only; without it
-//! cold runs are skipped with a message).
+//! per record. A harness of its own (not criterion): the contenders run in alternation, each
+//! once per round in an order rotated every round (3 rounds warm, then 3 cold); a time is the
+//! median of a contender's runs, a ratio the median of its runs' ratios to the SQLite run of
+//! the same round. Cold runs drop the page cache first (`/proc/sys/vm/drop_caches`, root only;
+//! without it cold runs are skipped with a message).
 //!
 //! Contenders, each reading the same N records:
 //! - waybill: `Store::open`, then `Store::reconcile` against N running tasks (every task tagged
@@ -290,15 +292,42 @@ fn crash_redb(src: &Path, dst: &Path, quick: bool) -> f64 {
         .unwrap()
 }
 
-fn median_of(runs: usize, cold: bool, mut f: impl FnMut() -> Duration) -> Option<Duration> {
-    let mut v = Vec::new();
-    for _ in 0..runs {
-        if cold && !drop_caches() {
-            return None;
-        }
-        v.push(f().as_secs_f64());
+/// Whether the runs under way are cold: each timed run then drops the page cache first.
+static COLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn drop_if_cold() {
+    if COLD.load(std::sync::atomic::Ordering::Relaxed) {
+        assert!(drop_caches(), "the page cache could be dropped before");
     }
-    Some(Duration::from_secs_f64(common::median(&mut v)))
+}
+
+/// The SQLite contender's place among the contenders: the ratios' base.
+const SQLITE: usize = 1;
+
+/// One contender's runs, warm or cold: the times, and each run's ratio to the SQLite run of
+/// the same round.
+#[derive(Debug, Clone, Default)]
+struct Runs {
+    secs: Vec<f64>,
+    ratio: Vec<f64>,
+}
+
+impl Runs {
+    fn median(&self) -> Option<Duration> {
+        (!self.secs.is_empty())
+            .then(|| Duration::from_secs_f64(common::median(&mut self.secs.clone())))
+    }
+
+    /// The median time and the median ratio, as printed ("skipped" when there were no runs).
+    fn summary(&self) -> (String, String) {
+        match self.median() {
+            Some(t) => (
+                common::fmt_duration(t),
+                format!("{:.2}x", common::median(&mut self.ratio.clone())),
+            ),
+            None => ("skipped".into(), "-".into()),
+        }
+    }
 }
 
 fn timed(f: impl FnOnce() -> usize, n: usize) -> Duration {
@@ -352,10 +381,11 @@ fn main() {
         );
     }
     for &n in &sizes {
-        println!("\nopen + reconcile plan at N = {n} (median of {runs} runs)");
+        println!(
+            "\nopen + reconcile plan at N = {n} ({runs} alternating rounds warm, {runs} cold)"
+        );
         let scratch = common::scratch();
         let d = build(scratch.path(), n);
-        let mut rows: Vec<(&'static str, Option<Duration>, Option<Duration>)> = Vec::new();
         let contenders: [Reader<'_>; 4] = [
             ("waybill open+reconcile", &waybill),
             ("SQLite open+select", &sqlite),
@@ -364,107 +394,83 @@ fn main() {
             }),
             ("directory scan", &dir_scan),
         ];
-        let rss_only = std::env::var_os("WAYBILL_RSS_ONLY").is_some();
-        for (name, f) in contenders.into_iter().filter(|_| !rss_only) {
-            // One untimed run first so "warm" means warm.
-            let _ = f(&d);
-            let warm = median_of(runs, false, || timed(|| f(&d), n));
-            let cold = if can_drop {
-                median_of(runs, true, || timed(|| f(&d), n))
-            } else {
-                None
-            };
-            rows.push((name, warm, cold));
-        }
-        // redb after a crash with CHANGED records changed: full repair, and quick repair.
-        for (name, quick) in [
-            ("redb after kill, repair", false),
-            ("redb after kill, quick-repair", true),
-        ]
-        .into_iter()
-        .filter(|_| !rss_only)
-        {
-            let path = d.root.join("crashed.redb");
-            let mut commit = Vec::new();
-            let mut one = |cold: bool| {
-                commit.push(crash_redb(&d.redb, &path, quick));
-                if cold && !drop_caches() {
-                    return None;
-                }
-                Some(timed(|| redb_read(&path), n))
-            };
-            let mut warm: Vec<f64> = (0..runs)
-                .filter_map(|_| one(false))
-                .map(|x| x.as_secs_f64())
-                .collect();
-            let mut cold: Vec<f64> = if can_drop {
-                (0..runs)
-                    .filter_map(|_| one(true))
-                    .map(|x| x.as_secs_f64())
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let secs = |v: &mut Vec<f64>| {
-                (!v.is_empty()).then(|| Duration::from_secs_f64(common::median(v)))
-            };
-            rows.push((name, secs(&mut warm), secs(&mut cold)));
-            println!(
-                "  ({name}: mean commit of the killed writer {:.0} µs)",
-                common::median(&mut commit)
-            );
-        }
-        if rss_only {
+        if std::env::var_os("WAYBILL_RSS_ONLY").is_some() {
             rss_per_record(&d, n);
             continue;
         }
-        // waybill after a killed holder changed CHANGED records.
-        {
-            let one = |cold: bool| {
-                crash_waybill(&d.store);
-                if cold && !drop_caches() {
-                    return None;
+        // After a kill: redb reopened after a crash (full repair, and quick-repair commits),
+        // and waybill after its killed index holder changed CHANGED records.
+        let crashed = d.root.join("crashed.redb");
+        let mut commits: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut after_kill = |k: usize| -> Duration {
+            match k {
+                0 | 1 => {
+                    commits[k].push(crash_redb(&d.redb, &crashed, k == 1));
+                    drop_if_cold();
+                    timed(|| redb_read(&crashed), n)
                 }
-                Some(timed(|| waybill(&d), n).as_secs_f64())
-            };
-            let mut warm: Vec<f64> = (0..runs).filter_map(|_| one(false)).collect();
-            let mut cold: Vec<f64> = if can_drop {
-                (0..runs).filter_map(|_| one(true)).collect()
-            } else {
-                Vec::new()
-            };
-            let secs = |v: &mut Vec<f64>| {
-                (!v.is_empty()).then(|| Duration::from_secs_f64(common::median(v)))
-            };
-            rows.push((
-                "waybill after kill, 1,000 changed",
-                secs(&mut warm),
-                secs(&mut cold),
-            ));
+                _ => {
+                    crash_waybill(&d.store);
+                    drop_if_cold();
+                    timed(|| waybill(&d), n)
+                }
+            }
+        };
+        let killed = [
+            "redb after kill, repair",
+            "redb after kill, quick-repair",
+            "waybill after kill, 1,000 changed",
+        ];
+        // One untimed run of each first so "warm" means warm.
+        for (_, f) in &contenders {
+            let _ = f(&d);
         }
-        let sqlite_warm = rows[1].1.unwrap();
-        let sqlite_cold = rows[1].2;
+        let names: Vec<&'static str> = contenders.iter().map(|c| c.0).chain(killed).collect();
+        let mut runs_of = vec![[Runs::default(), Runs::default()]; names.len()];
+        for cold in [false, true] {
+            if cold && !can_drop {
+                continue;
+            }
+            COLD.store(cold, std::sync::atomic::Ordering::Relaxed);
+            for round in 0..runs {
+                // Every contender once per round, in an order rotated every round; each
+                // after-kill run follows the round's SQLite run.
+                let mut t = vec![Duration::ZERO; names.len()];
+                for k in 0..contenders.len() {
+                    let c = (k + round) % contenders.len();
+                    drop_if_cold();
+                    t[c] = timed(|| contenders[c].1(&d), n);
+                }
+                for k in 0..killed.len() {
+                    t[contenders.len() + k] = after_kill(k);
+                }
+                for (c, x) in t.iter().enumerate() {
+                    let r = &mut runs_of[c][usize::from(cold)];
+                    r.secs.push(x.as_secs_f64());
+                    r.ratio.push(x.as_secs_f64() / t[SQLITE].as_secs_f64());
+                }
+            }
+        }
+        for (k, c) in commits.iter_mut().enumerate() {
+            println!(
+                "  ({}: median commit of the killed writer {:.0} µs)",
+                killed[k],
+                common::median(c)
+            );
+        }
         println!(
-            "  {:<32} {:>11} {:>9} {:>11} {:>9}",
+            "  {:<34} {:>10} {:>9} {:>10} {:>9}",
             "contender", "warm", "/SQLite", "cold", "/SQLite"
         );
-        for (name, warm, cold) in &rows {
-            let f = |x: Option<Duration>, base: Option<Duration>| match (x, base) {
-                (Some(x), Some(b)) => (
-                    common::fmt_duration(x),
-                    format!("{:.2}x", x.as_secs_f64() / b.as_secs_f64()),
-                ),
-                (Some(x), None) => (common::fmt_duration(x), "-".into()),
-                _ => ("skipped".into(), "-".into()),
-            };
-            let (w, wr) = f(*warm, Some(sqlite_warm));
-            let (c, cr) = f(*cold, sqlite_cold);
-            println!("  {name:<32} {w:>11} {wr:>9} {c:>11} {cr:>9}");
-            if let Some(w) = warm {
-                figures.entry((name, "warm")).or_default().push((n, *w));
-            }
-            if let Some(c) = cold {
-                figures.entry((name, "cold")).or_default().push((n, *c));
+        for (name, r) in names.iter().zip(&mut runs_of) {
+            let [w, c] = r;
+            let (wt, wr) = w.summary();
+            let (ct, cr) = c.summary();
+            println!("  {name:<34} {wt:>10} {wr:>9} {ct:>10} {cr:>9}");
+            for (run, which) in [(w, "warm"), (c, "cold")] {
+                if let Some(t) = run.median() {
+                    figures.entry((name, which)).or_default().push((n, t));
+                }
             }
         }
         rss_per_record(&d, n);
