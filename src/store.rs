@@ -865,6 +865,14 @@ impl Store {
     }
 }
 
+/// What one create call has learned of the file system: each upload source resolved, and the
+/// device `staging/` is on.
+#[derive(Debug, Default)]
+struct Sources {
+    resolved: HashMap<PathBuf, (PathBuf, wfs::Meta)>,
+    staging_dev: Option<u64>,
+}
+
 /// A transfer built in `staging/`, not yet visible.
 struct Staged {
     id: TransferId,
@@ -1341,11 +1349,12 @@ impl Store {
         // files (iOS allows 256 by default): a part keeps each member's locked state file
         // open, and, when syncing file by file, up to three more files per member.
         let part_len = if shared { SHARED_PART } else { 16 };
+        let mut sources = Sources::default();
         if items.len() > part_len {
             // Earlier parts become visible before later ones are built: check up front what
             // a later build could refuse, so input errors fail the batch before anything shows.
             for t in &items {
-                self.precheck(t, now)?;
+                self.precheck(t, now, &mut sources)?;
             }
         }
         let transfers = self.dir(TRANSFERS);
@@ -1362,7 +1371,8 @@ impl Store {
             } else {
                 None
             };
-            if let Err(e) = self.stage_all(part, now, sync_with.as_ref(), &mut staged) {
+            if let Err(e) = self.stage_all(part, now, sync_with.as_ref(), &mut sources, &mut staged)
+            {
                 for s in &staged {
                     let _ = self.core.fs.remove_tree(&s.dir);
                 }
@@ -1455,22 +1465,39 @@ impl Store {
         }
     }
 
+    /// An upload source's absolute path and metadata, resolved once per create call: the
+    /// members of a batch often name one file. What is linked is checked on the link itself
+    /// (the payload's identity is read from the linked file), so a source replaced meanwhile
+    /// is recorded as what it is, or refused.
+    fn resolve_source(&self, sources: &mut Sources, path: &Path) -> Result<(PathBuf, wfs::Meta)> {
+        if let Some(r) = sources.resolved.get(path) {
+            return Ok(r.clone());
+        }
+        let r = self.core.fs.resolve(path)?;
+        sources.resolved.insert(path.to_path_buf(), r.clone());
+        Ok(r)
+    }
+
     /// What `build` could refuse about `t` beyond [`Store::validate`]: an upload source that is
     /// missing or not a regular file, a hard link across file systems, a manifest over its
     /// size limit. Checked before a multi-part batch shows its first part.
-    fn precheck(&self, t: &NewTransfer, now: SystemTime) -> Result<()> {
+    fn precheck(&self, t: &NewTransfer, now: SystemTime, sources: &mut Sources) -> Result<()> {
         let mut payload = PayloadFacts::None;
         if let Some(UploadSource::File { path, link }) = &t.source {
-            let (_, meta) = self.core.fs.resolve(path)?;
+            let (_, meta) = self.resolve_source(sources, path)?;
             if !meta.is_file() {
                 return Err(Error::invalid(format!(
                     "the upload source {} is not a regular file",
                     path.display()
                 )));
             }
-            if *link == LinkMode::HardLink
-                && meta.dev != self.core.fs.lstat(&self.dir(STAGING))?.dev
-            {
+            let staging_dev = match sources.staging_dev {
+                Some(d) => d,
+                None => *sources
+                    .staging_dev
+                    .insert(self.core.fs.lstat(&self.dir(STAGING))?.dev),
+            };
+            if *link == LinkMode::HardLink && meta.dev != staging_dev {
                 return Err(Error::invalid(format!(
                     "the upload source {} is on another file system; it cannot be hard-linked",
                     path.display()
@@ -1534,6 +1561,7 @@ impl Store {
         items: Vec<NewTransfer>,
         now: SystemTime,
         sync_with: Option<&Handle>,
+        sources: &mut Sources,
         staged: &mut Vec<Staged>,
     ) -> Result<()> {
         let shared = sync_with.is_some();
@@ -1541,7 +1569,7 @@ impl Store {
             let id = TransferId::new_v4();
             let dir = self.dir(STAGING).join(id.to_string());
             self.core.fs.create_dir(&dir)?;
-            match self.build(id, &dir, t, now) {
+            match self.build(id, &dir, t, now, sources) {
                 Ok(mut s) => {
                     if shared {
                         s.to_sync.clear();
@@ -1568,7 +1596,14 @@ impl Store {
         Ok(())
     }
 
-    fn build(&self, id: TransferId, dir: &Path, t: NewTransfer, now: SystemTime) -> Result<Staged> {
+    fn build(
+        &self,
+        id: TransferId,
+        dir: &Path,
+        t: NewTransfer,
+        now: SystemTime,
+        sources: &mut Sources,
+    ) -> Result<Staged> {
         let state_path = dir.join(STATE);
         let state = self.core.fs.create_new(&state_path)?;
         self.core
@@ -1587,7 +1622,7 @@ impl Store {
                 }
             }
             Some(UploadSource::File { path, link }) => {
-                let (src, meta) = self.core.fs.resolve(&path)?;
+                let (src, meta) = self.resolve_source(sources, &path)?;
                 if !meta.is_file() {
                     return Err(Error::invalid(format!(
                         "the upload source {} is not a regular file",

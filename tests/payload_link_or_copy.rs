@@ -178,3 +178,37 @@ fn missing_source_is_a_typed_error_and_leaves_nothing() -> TestResult {
     assert!(store.list(&waybill::Filter::all())?.is_empty());
     Ok(())
 }
+
+#[test]
+fn a_batch_naming_a_few_sources_many_times_links_each_member_to_its_own() -> TestResult {
+    let t = TempStore::new()?;
+    let a = t.dir.path().join("a.jpg");
+    let b = t.dir.path().join("b.jpg");
+    std::fs::write(&a, vec![1u8; 1000])?;
+    std::fs::write(&b, vec![2u8; 2000])?;
+    // A symlink to `a` names the same file by another path.
+    let via = t.dir.path().join("via-link.jpg");
+    std::os::unix::fs::symlink(&a, &via)?;
+    let store = Store::open(t.root())?;
+    let sources = [&a, &b, &via];
+    // More members than one part of a batch, so every member is checked up front too.
+    let items = (0..150)
+        .map(|i| upload(sources[i % 3], LinkMode::HardLink))
+        .collect();
+    let ids = store.create_batch(items)?;
+    for (i, id) in ids.iter().enumerate() {
+        let want = std::fs::metadata(sources[i % 3])?;
+        match store.get(*id)?.manifest.payload {
+            PayloadFacts::Linked { len, ino, .. } => {
+                assert_eq!((len, ino), (want.len(), want.ino()), "member {i}");
+            }
+            other => panic!("member {i}: expected a link, got {other:?}"),
+        }
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut store.open_payload(*id)?, &mut buf)?;
+        assert_eq!(buf.len() as u64, want.len(), "member {i}");
+    }
+    assert_eq!(std::fs::metadata(&a)?.nlink(), 1 + 100);
+    assert_eq!(std::fs::metadata(&b)?.nlink(), 1 + 50);
+    Ok(())
+}
