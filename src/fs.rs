@@ -147,6 +147,16 @@ impl Meta {
         self.len
     }
 
+    /// True when `self` describes the same entry as `before` (a rename or removal by another
+    /// process puts another entry, or none, at the path).
+    pub(crate) fn same_entry(&self, before: &Meta) -> bool {
+        if cfg!(unix) {
+            (self.dev, self.ino, self.kind) == (before.dev, before.ino, before.kind)
+        } else {
+            self.kind == before.kind
+        }
+    }
+
     /// The modification time, when it is after the epoch.
     pub(crate) fn modified(&self) -> Option<std::time::SystemTime> {
         let ns = u64::try_from(self.mtime_ns).ok()?;
@@ -876,10 +886,7 @@ impl Fs {
     /// another process makes it false).
     pub(crate) fn same_entry(&self, path: &Path, before: &Meta) -> Result<bool> {
         match self.b.lstat(path) {
-            #[cfg(unix)]
-            Ok(m) => Ok(m.dev == before.dev && m.ino == before.ino && m.kind == before.kind),
-            #[cfg(not(unix))]
-            Ok(m) => Ok(m.kind == before.kind),
+            Ok(m) => Ok(m.same_entry(before)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("stat", path, e)),
         }

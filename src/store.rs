@@ -450,16 +450,6 @@ pub(crate) struct LockedState {
     dir_meta: wfs::Meta,
 }
 
-/// True when `now` is the entry `before` described (a rename or removal by another process
-/// makes it false).
-fn same_entry(now: &wfs::Meta, before: &wfs::Meta) -> bool {
-    if cfg!(unix) {
-        (now.dev, now.ino, now.kind) == (before.dev, before.ino, before.kind)
-    } else {
-        now.kind == before.kind
-    }
-}
-
 /// True when `now` is the directory `then` described: the same inode, not changed since. Any
 /// change to the directory (a file added or removed in it) makes it false, as does the name
 /// now being a different directory that happens to reuse the inode number.
@@ -656,7 +646,7 @@ impl Core {
             };
             self.fs.lock(&file, &path, self.lock_timeout)?;
             match self.fs.lstat(&dir) {
-                Ok(m) if same_entry(&m, &before) => {
+                Ok(m) if m.same_entry(&before) => {
                     return Ok(LockedState {
                         file,
                         path,
