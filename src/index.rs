@@ -455,12 +455,7 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
             Err(e) => return Err(e),
         };
     Ok(Reread {
-        record: Some(IndexRecord {
-            id: *id.as_bytes(),
-            resume,
-            state: state.into(),
-            manifest: manifest.into(),
-        }),
+        record: Some(IndexRecord::new(*id.as_bytes(), resume, &state, &manifest)),
         settled,
     })
 }
@@ -646,9 +641,9 @@ impl Index {
             .iter()
             .map(|(_, r)| buf.get(r.clone()).map_or(0, fmt::chunk_len))
             .sum::<usize>();
-        // A record takes at least 19 bytes (its id, a flag and two lengths): a damaged count
-        // cannot reserve more than the bytes could hold.
-        let mut out = Vec::with_capacity(total.min(buf.len() / 19));
+        // A record takes at least its header: a damaged count cannot reserve more than the
+        // bytes could hold.
+        let mut out = Vec::with_capacity(total.min(buf.len() / fmt::RECORD_HEADER_LEN));
         for (k, r) in spans {
             let from = out.len();
             if fmt::decode_chunk_into(&buf, r, &mut out).is_err() {
@@ -835,18 +830,15 @@ impl Index {
             let known = records.binary_search_by(|r| r.id.cmp(&id)).ok();
             let rec = match l {
                 Last::Entry(body, _) => match (body.manifest, known.and_then(|i| records.get(i))) {
-                    (Some(manifest), _) => Some(IndexRecord {
+                    (Some(manifest), _) => {
+                        Some(IndexRecord::new(id, body.resume, &body.state, &manifest))
+                    }
+                    (None, Some(old)) => Some(IndexRecord::new(
                         id,
-                        resume: body.resume,
-                        state: body.state.into(),
-                        manifest: manifest.into(),
-                    }),
-                    (None, Some(old)) => Some(IndexRecord {
-                        id,
-                        resume: body.resume,
-                        state: body.state.into(),
-                        manifest: old.manifest.clone(),
-                    }),
+                        body.resume,
+                        &body.state,
+                        old.manifest(),
+                    )),
                     (None, None) => reread(root, tid)?.record,
                 },
                 Last::Intent(at) => {
@@ -981,7 +973,7 @@ mod tests {
     /// The holder plans from the index's borrowed view exactly what the planner plans from the
     /// directories' whole records, for tasks matched by tag, by URL, finished and unknown.
     fn assert_plans_match(holder: &Store, truth: &[Transfer], what: &str) {
-        use crate::reconcile::{self, ReconcileOptions, Record, Sessions, Task};
+        use crate::reconcile::{self, ReconcileOptions, Sessions, Task};
         let now = crate::format::from_ms(1_900_000_000_000);
         let mut tasks: Vec<Task> = truth
             .iter()
@@ -1001,16 +993,7 @@ mod tests {
             1,
             "https://x/unknown",
         ));
-        let scanned = holder.gather_scanned(true).unwrap();
-        let corrupt: Vec<_> = scanned.corrupt.iter().map(|(id, _)| *id).collect();
-        let records: Vec<Record> = scanned
-            .transfers
-            .into_iter()
-            .map(|(transfer, has_resume_data)| Record {
-                transfer,
-                has_resume_data,
-            })
-            .collect();
+        let (records, corrupt) = whole_records(holder);
         let opts = ReconcileOptions::default();
         for tasks in [&tasks[..0], &tasks[..]] {
             let want = reconcile::plan(&Sessions::All, tasks, &records, &corrupt, now, &opts);
@@ -1020,6 +1003,213 @@ mod tests {
             let got = holder.reset_plan(&Sessions::All, tasks);
             assert_eq!(got.unwrap(), want.unwrap(), "{what}: reset plan");
         }
+    }
+
+    /// Every fact the planner reads from the index (key, deadline, retry policy, replaced
+    /// request, binding and its tag, failures and the next attempt, partial bytes, resume data,
+    /// outcome, phase), and a corrupt manifest: the plan from the facts is the plan from the
+    /// whole records, for tasks that match by tag, by key, by binding and by URL.
+    #[test]
+    fn the_plan_read_from_the_index_facts_is_the_plan_from_whole_records() {
+        use crate::{ErrorClass, Request, RetryPolicy};
+        use std::time::Duration;
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let now = crate::format::from_ms(1_900_000_000_000);
+        let mk = |t: NewTransfer| s.create(t).unwrap();
+        let dl = |i: usize| NewTransfer::download(format!("https://x/f{i}"));
+        mk(dl(0).idempotency_key("order-7"));
+        let late = mk(dl(1).deadline(now - Duration::from_secs(5)));
+        let soon = mk(dl(2)
+            .deadline(now + Duration::from_secs(5))
+            .retry(RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(1500),
+                max_backoff: Duration::from_secs(7),
+            }));
+        let moved = mk(
+            NewTransfer::upload("https://x/u", UploadSource::Bytes(vec![1; 9]))
+                .method("POST")
+                .header("x-a", "1")
+                .secret_header("authorization", "t"),
+        );
+        let mut r = Request::new("PUT", "https://x/moved");
+        r.headers.push(crate::Header {
+            name: "x-b".into(),
+            value: "2".into(),
+            secret: false,
+        });
+        s.replace_request(moved, r).unwrap();
+        let bound = mk(dl(3).session("bg"));
+        s.bind(
+            bound,
+            TaskBinding {
+                session: "bg".into(),
+                task_id: 77,
+                tag: Some("mine".into()),
+            },
+        )
+        .unwrap();
+        let bound_by_id = mk(dl(4));
+        s.bind(
+            bound_by_id,
+            TaskBinding {
+                session: crate::DEFAULT_SESSION.into(),
+                task_id: 78,
+                tag: Some(bound_by_id.to_string()),
+            },
+        )
+        .unwrap();
+        let waiting = mk(dl(5));
+        s.bind(
+            waiting,
+            TaskBinding {
+                session: crate::DEFAULT_SESSION.into(),
+                task_id: 79,
+                tag: None,
+            },
+        )
+        .unwrap();
+        s.fail(waiting, ErrorClass::Transient, "reset").unwrap();
+        let partial = mk(dl(6));
+        s.append_received(partial, b"0123456789").unwrap();
+        let resumable = mk(dl(7));
+        s.store_resume_data(resumable, b"resume").unwrap();
+        let done = mk(dl(8));
+        s.complete(done, Some(201)).unwrap();
+        let failed = mk(dl(9));
+        s.fail(failed, ErrorClass::Permanent, "gone").unwrap();
+        let cancelled = mk(dl(10));
+        s.cancel(cancelled).unwrap();
+        let broken = mk(dl(11));
+        drop(s);
+        std::fs::write(
+            d.path()
+                .join("transfers")
+                .join(broken.to_string())
+                .join("manifest"),
+            b"junk",
+        )
+        .unwrap();
+        // Damage behind the journal's back: the index learns of it when rebuilt.
+        std::fs::remove_file(d.path().join(INDEX_FILE)).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let truth = s.scan().unwrap().transfers;
+        assert_plans_match(&s, &truth, "states");
+        // Tasks that find their records each way there is.
+        use crate::reconcile::{self, ReconcileOptions, Sessions, Task};
+        let t = |id: u64, url: &str| Task::running(crate::DEFAULT_SESSION, id, url);
+        let tasks = vec![
+            t(1, "https://x/f0").tag("order-7"),
+            Task::running("bg", 77, "https://x/f3").tag("mine"),
+            t(78, "https://x/f4").tag(bound_by_id.to_string()),
+            t(79, "https://x/f5").failed("again"),
+            t(80, "https://x/f6"),
+            t(81, "https://x/f1").tag(late.to_string()),
+            t(82, "https://x/f2").tag(soon.to_string()).failed("x"),
+            t(83, "https://x/moved")
+                .tag(moved.to_string())
+                .completed(500),
+            t(84, "https://x/f8").tag(done.to_string()).completed(201),
+            t(85, "https://x/f11").tag(broken.to_string()),
+            t(86, "https://x/nothing"),
+        ];
+        let (records, corrupt) = whole_records(&s);
+        assert_eq!(corrupt, vec![broken]);
+        let opts = ReconcileOptions::default();
+        for sessions in [Sessions::All, Sessions::only(["bg"])] {
+            let tasks: Vec<Task> = tasks
+                .iter()
+                .filter(|t| sessions.contains(&t.session))
+                .cloned()
+                .collect();
+            let want = reconcile::plan(&sessions, &tasks, &records, &corrupt, now, &opts).unwrap();
+            let got = s.reconcile_with(&sessions, &tasks, now, &opts).unwrap();
+            assert_eq!(got, want);
+            assert!(s.held.lock().unwrap().is_some(), "planned from the index");
+        }
+        let _ = (waiting, partial, resumable, failed, cancelled);
+    }
+
+    /// An index written by the previous release (index version 1: no facts, no checksum),
+    /// following this boot's journal, is rebuilt rather than read: the fixture store lists and
+    /// plans exactly as its directories say, and the index is then version 2.
+    #[test]
+    fn an_index_of_version_1_is_rebuilt_not_misread() {
+        fn copy_tree(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    copy_tree(&e.path(), &to.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("store");
+        copy_tree(&fixtures.join("store"), &root);
+        // A journal of this boot, then the old index made to follow it.
+        drop(Store::builder().index(false).open(&root).unwrap());
+        let generation = Journal::open(&root, false, Duration::from_secs(1))
+            .unwrap()
+            .unwrap()
+            .generation()
+            .unwrap();
+        std::fs::copy(fixtures.join("index-v1.redb"), root.join(INDEX_FILE)).unwrap();
+        {
+            let db = redb::Database::open(root.join(INDEX_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(META).unwrap();
+                let old = t.get(META_KEY).unwrap().unwrap().value().to_vec();
+                assert_eq!(
+                    old[..4],
+                    1u32.to_le_bytes(),
+                    "the fixture is index version 1"
+                );
+                let mut m: IndexMeta = crate::format::decode_exact(&old[4..]).unwrap();
+                m.generation = generation;
+                m.consumed = JOURNAL_HEADER_LEN as u64;
+                let mut new = 1u32.to_le_bytes().to_vec();
+                new.extend(postcard::to_allocvec(&m).unwrap());
+                t.insert(META_KEY, new.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let holder = Store::open(&root).unwrap();
+        assert_eq!(holder.list(&Filter::all()).unwrap().len(), 4);
+        assert_follows(&holder, "an index of version 1");
+        drop(holder);
+        let db = redb::Database::open(root.join(INDEX_FILE)).unwrap();
+        let tx = db.begin_read().unwrap();
+        let meta = tx
+            .open_table(META)
+            .unwrap()
+            .get(META_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(meta[..4], fmt::INDEX_VERSION.to_le_bytes());
+        assert_eq!(fmt::INDEX_VERSION, 2);
+    }
+
+    /// The records as the directories hold them, whole, and the corrupt ids.
+    fn whole_records(s: &Store) -> (Vec<crate::Record>, Vec<crate::TransferId>) {
+        let scanned = s.gather_scanned(true).unwrap();
+        let corrupt = scanned.corrupt.iter().map(|(id, _)| *id).collect();
+        let records = scanned
+            .transfers
+            .into_iter()
+            .map(|(transfer, has_resume_data)| crate::Record {
+                transfer,
+                has_resume_data,
+            })
+            .collect();
+        (records, corrupt)
     }
 
     fn ids(n: usize, s: &Store) -> Vec<crate::TransferId> {

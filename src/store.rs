@@ -2279,12 +2279,12 @@ impl Store {
             for r in part {
                 let id = TransferId::from_bytes(r.id);
                 // The path only names the file in an error: built when there is one.
-                let m = manifest::decode(Path::new(""), &r.manifest)
+                let m = manifest::decode(Path::new(""), r.manifest())
                     .and_then(|m| same_id(id, m.id).map(|()| m))
                     .map_err(|e| e.with_path(&self.transfer_dir(id).join(MANIFEST)));
                 match m {
                     Ok(manifest) => {
-                        let state = indexed_state(&r.state);
+                        let state = crate::format::index::indexed_state(r.state());
                         out.transfers.push((Transfer { manifest, state }, r.resume));
                     }
                     Err(e) => out.corrupt.push((id, e)),
@@ -2300,14 +2300,32 @@ impl Store {
         all
     }
 
-    /// The index's records as the planner reads them (manifests borrowed, not decoded whole),
-    /// and the ids of the corrupt ones: what [`Store::decode_indexed`] finds, decoded less.
-    pub(crate) fn plan_view(records: &[IndexRecord]) -> (PlanView<'_>, Vec<TransferId>) {
+    /// The index's records as the planner reads them (their facts, read in place), and the ids
+    /// of the corrupt ones: what [`Store::decode_indexed`] finds, decoded less. `None` when a
+    /// record's facts do not decode (only a bug writes such facts: the chunk's checksum held):
+    /// the index is then deleted, to be rebuilt, and the caller reads the directories.
+    pub(crate) fn plan_view<'a>(
+        &self,
+        records: &'a [IndexRecord],
+    ) -> Option<(PlanView<'a>, Vec<TransferId>)> {
         // The halves stay apart (the planner reads both, in order): no copy joins them.
-        let ((a, mut bad), second) = in_halves(records, view_part);
-        let (b, bad_b) = second.unwrap_or_default();
-        bad.extend(bad_b);
-        ((a, b), bad)
+        let (first, second) = in_halves(records, view_part);
+        let viewed = first.and_then(|(a, mut bad)| {
+            let (b, bad_b) = match second {
+                Some(s) => s?,
+                None => Default::default(),
+            };
+            bad.extend(bad_b);
+            Some(((a, b), bad))
+        });
+        if viewed.is_none() {
+            tracing::error!(
+                "index record facts do not decode; deleting the index to rebuild, reading the directories"
+            );
+            *lock(&self.held) = None;
+            let _ = std::fs::remove_file(self.core.root.join(crate::index::INDEX_FILE));
+        }
+        viewed
     }
 
     /// Brings the index up to date when this handle holds it (opening it if it can); `None`
@@ -2679,49 +2697,85 @@ impl Drop for Store {
     }
 }
 
-/// A record read from the index as the planner sees it: the manifest borrowed from the
-/// index's bytes, the state decoded.
+/// A record read from the index as the planner sees it: its facts, read in place; its files
+/// are decoded only for a request or an outcome.
 pub(crate) struct IndexedRecord<'a> {
-    manifest: manifest::ManifestRef<'a>,
-    state: State,
-    resume: bool,
+    id: TransferId,
+    facts: crate::format::index::Facts<'a>,
+    phase: Phase,
+    record: &'a IndexRecord,
+}
+
+impl IndexedRecord<'_> {
+    fn state(&self) -> State {
+        crate::format::index::indexed_state(self.record.state())
+    }
 }
 
 impl crate::reconcile::Planned for IndexedRecord<'_> {
     fn id(&self) -> TransferId {
-        self.manifest.id
+        self.id
     }
     fn session(&self) -> &str {
-        self.manifest.session
+        self.facts.session
     }
-    fn idempotency_key(&self) -> &str {
-        self.manifest.idempotency_key
+    fn other_key(&self) -> Option<&str> {
+        self.facts.key
     }
     fn kind(&self) -> Kind {
-        self.manifest.kind
+        if self.facts.download {
+            Kind::Download
+        } else {
+            Kind::Upload
+        }
     }
     fn deadline(&self) -> Option<SystemTime> {
-        self.manifest.deadline
+        self.facts.deadline_ms.map(crate::format::from_ms)
     }
     fn retry(&self) -> crate::transfer::RetryPolicy {
-        self.manifest.retry
+        crate::transfer::RetryPolicy {
+            max_attempts: self.facts.max_attempts,
+            initial_backoff: std::time::Duration::from_millis(self.facts.initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(self.facts.max_backoff_ms),
+        }
     }
-    fn state(&self) -> &State {
-        &self.state
+    fn phase(&self) -> Phase {
+        self.phase
+    }
+    fn failures(&self) -> u32 {
+        self.facts.failures
+    }
+    fn next_attempt(&self) -> Option<SystemTime> {
+        self.facts.next_attempt_ms.map(crate::format::from_ms)
+    }
+    fn binding(&self) -> Option<(&str, u64, Option<&str>)> {
+        self.facts.binding
+    }
+    fn partial_len(&self) -> u64 {
+        self.facts.partial_len
+    }
+    fn outcome(&self) -> Option<crate::transfer::Outcome> {
+        self.state().outcome
     }
     fn has_resume_data(&self) -> bool {
-        self.resume
+        self.record.resume
     }
     fn url(&self) -> &str {
-        self.state
-            .current_request
-            .as_ref()
-            .map_or(self.manifest.url, |r| r.url.as_str())
+        self.facts.url
     }
     fn request(&self) -> crate::transfer::Request {
-        match &self.state.current_request {
-            Some(r) => r.clone(),
-            None => self.manifest.request(),
+        if let Some(r) = self.state().current_request {
+            return r;
+        }
+        match manifest::decode_ref(Path::new(""), self.record.manifest()) {
+            Ok(m) => m.request(),
+            Err(e) => {
+                // The facts were derived from these very bytes (the chunk's checksum holds):
+                // only a bug gets here. The URL the facts hold is the best left.
+                tracing::error!(id = %self.id, error = %e, "indexed manifest no longer decodes");
+                let method = if self.facts.download { "GET" } else { "PUT" };
+                crate::transfer::Request::new(method, self.facts.url)
+            }
         }
     }
 }
@@ -2755,23 +2809,26 @@ fn in_halves<'a, O: Send>(
     })
 }
 
-/// The planner's view of some of the index's records, and the ids of the corrupt ones.
-fn view_part(records: &[IndexRecord]) -> (Vec<IndexedRecord<'_>>, Vec<TransferId>) {
+/// The planner's view of some of the index's records, and the ids of the corrupt ones (whose
+/// facts say their manifest failed its checks); `None` when some facts do not decode.
+fn view_part(records: &[IndexRecord]) -> Option<(Vec<IndexedRecord<'_>>, Vec<TransferId>)> {
     let mut out = (Vec::with_capacity(records.len()), Vec::new());
     for r in records {
         let id = TransferId::from_bytes(r.id);
-        match manifest::decode_ref(Path::new(""), &r.manifest)
-            .and_then(|m| same_id(id, m.id).map(|()| m))
-        {
-            Ok(manifest) => out.0.push(IndexedRecord {
-                manifest,
-                state: indexed_state(&r.state),
-                resume: r.resume,
-            }),
-            Err(_) => out.1.push(id),
+        let facts = crate::format::index::Facts::decode(r.facts())?;
+        if !facts.ok {
+            out.1.push(id);
+            continue;
         }
+        let phase = Phase::ALL.get(usize::from(facts.phase)).copied()?;
+        out.0.push(IndexedRecord {
+            id,
+            facts,
+            phase,
+            record: r,
+        });
     }
-    out
+    Some(out)
 }
 
 /// A manifest read under `id` must name `id`.
@@ -2786,19 +2843,6 @@ fn same_id(id: TransferId, found: TransferId) -> Result<()> {
                 found,
             },
         ))
-    }
-}
-
-/// The state slot the index keeps, decoded; a state rebuilt from the manifest when neither slot
-/// was valid (as [`Store::scan`] reads such a record).
-fn indexed_state(bytes: &[u8]) -> State {
-    match state_fmt::decode_slot(0, bytes) {
-        Ok(slot) => slot.state,
-        Err(_) => {
-            let mut s = State::new();
-            s.rebuilt = true;
-            s
-        }
     }
 }
 

@@ -246,31 +246,161 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-impl Serialize for Shared {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self)
-    }
-}
-
-/// What the index keeps per transfer: the files the reconciler and the list queries decode.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What the index keeps per transfer: the files the reconciler and the list queries decode, and
+/// the facts the planner reads of them (derived from those files when the record is made).
+/// The three are kept in one buffer: facts, then state, then manifest.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct IndexRecord {
     pub(crate) id: [u8; 16],
     /// Whether the download's resume data exists.
     pub(crate) resume: bool,
-    /// The newest valid state slot (header and body); empty when neither slot was valid.
-    pub(crate) state: Shared,
-    /// The manifest file as found (it may fail its checks: the record is then corrupt).
-    pub(crate) manifest: Shared,
+    body: Shared,
+    facts_end: usize,
+    state_end: usize,
 }
 
-/// [`IndexRecord`] as it is read, borrowing from the chunk.
-#[derive(Deserialize)]
-struct RecordRef<'a> {
-    id: [u8; 16],
-    resume: bool,
-    state: &'a [u8],
-    manifest: &'a [u8],
+impl std::fmt::Debug for IndexRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexRecord")
+            .field("id", &self.id)
+            .field("resume", &self.resume)
+            .field("facts", &self.facts())
+            .field("state", &self.state())
+            .field("manifest", &self.manifest())
+            .finish()
+    }
+}
+
+impl IndexRecord {
+    /// A record of these files, with its facts derived from them.
+    pub(crate) fn new(id: [u8; 16], resume: bool, state: &[u8], manifest: &[u8]) -> IndexRecord {
+        let facts = Facts::encode_of(id, state, manifest);
+        let mut body = Vec::with_capacity(facts.len() + state.len() + manifest.len());
+        body.extend_from_slice(&facts);
+        body.extend_from_slice(state);
+        body.extend_from_slice(manifest);
+        IndexRecord {
+            id,
+            resume,
+            body: body.into(),
+            facts_end: facts.len(),
+            state_end: facts.len() + state.len(),
+        }
+    }
+
+    /// The encoded [`Facts`].
+    pub(crate) fn facts(&self) -> &[u8] {
+        self.body.get(..self.facts_end).unwrap_or_default()
+    }
+
+    /// The newest valid state slot (header and body); empty when neither slot was valid.
+    pub(crate) fn state(&self) -> &[u8] {
+        self.body
+            .get(self.facts_end..self.state_end)
+            .unwrap_or_default()
+    }
+
+    /// The manifest file as found (it may fail its checks: the record is then corrupt).
+    pub(crate) fn manifest(&self) -> &[u8] {
+        self.body.get(self.state_end..).unwrap_or_default()
+    }
+}
+
+/// What the planner reads of a record, derived from its manifest and newest state slot when the
+/// record is made (FORMAT.md §2.7), so that planning decodes neither. Strings borrow from the
+/// chunk. A record whose manifest fails its checks has `ok` false and nothing else set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub(crate) struct Facts<'a> {
+    /// The manifest passed its checks and names the record's id.
+    pub(crate) ok: bool,
+    pub(crate) download: bool,
+    pub(crate) session: &'a str,
+    /// The idempotency key, when it is not the id's canonical text.
+    pub(crate) key: Option<&'a str>,
+    pub(crate) deadline_ms: Option<u64>,
+    pub(crate) max_attempts: u32,
+    pub(crate) initial_backoff_ms: u64,
+    pub(crate) max_backoff_ms: u64,
+    /// The URL of the request to run now (the state's replacement, else the manifest's).
+    pub(crate) url: &'a str,
+    /// The state's phase, as [`crate::Phase::ALL`] numbers it.
+    pub(crate) phase: u8,
+    pub(crate) failures: u32,
+    pub(crate) next_attempt_ms: Option<u64>,
+    /// The binding's session, task id and tag.
+    pub(crate) binding: Option<(&'a str, u64, Option<&'a str>)>,
+    pub(crate) partial_len: u64,
+}
+
+impl<'a> Facts<'a> {
+    /// The facts of a record with these files, encoded.
+    pub(crate) fn encode_of(id: [u8; 16], state: &[u8], manifest: &[u8]) -> Vec<u8> {
+        let tid = crate::TransferId::from_bytes(id);
+        let Ok(m) = super::manifest::decode_ref(std::path::Path::new(""), manifest) else {
+            return Facts::default().encode();
+        };
+        if m.id != tid {
+            return Facts::default().encode();
+        }
+        let st = indexed_state(state);
+        let mut own = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let own = uuid::Uuid::from_bytes(id)
+            .hyphenated()
+            .encode_lower(&mut own);
+        let phase = crate::Phase::ALL
+            .iter()
+            .position(|p| *p == st.phase)
+            .unwrap_or(0);
+        Facts {
+            ok: true,
+            download: m.kind == crate::Kind::Download,
+            session: m.session,
+            key: (m.idempotency_key != own).then_some(m.idempotency_key),
+            deadline_ms: m.deadline.map(super::to_ms),
+            max_attempts: m.retry.max_attempts,
+            initial_backoff_ms: duration_ms(m.retry.initial_backoff),
+            max_backoff_ms: duration_ms(m.retry.max_backoff),
+            url: st
+                .current_request
+                .as_ref()
+                .map_or(m.url, |r| r.url.as_str()),
+            phase: u8::try_from(phase).unwrap_or(0),
+            failures: st.failures,
+            next_attempt_ms: st.next_attempt.map(super::to_ms),
+            binding: st
+                .binding
+                .as_ref()
+                .map(|b| (b.session.as_str(), b.task_id, b.tag.as_deref())),
+            partial_len: st.partial_len,
+        }
+        .encode()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decodes facts; `None` for bytes that are not facts.
+    pub(crate) fn decode(b: &'a [u8]) -> Option<Facts<'a>> {
+        decode_exact(b).ok()
+    }
+}
+
+fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The state a record's newest slot holds; a state rebuilt from the manifest when neither slot
+/// was valid (as [`crate::Store::scan`] reads such a record).
+pub(crate) fn indexed_state(bytes: &[u8]) -> crate::State {
+    match super::state::decode_slot(0, bytes) {
+        Ok(slot) => slot.state,
+        Err(_) => {
+            let mut s = crate::State::new();
+            s.rebuilt = true;
+            s
+        }
+    }
 }
 
 /// The index's records are kept in this many chunks, by the top bits of the id: few, large
@@ -282,31 +412,102 @@ pub(crate) fn chunk_of(id: &[u8; 16]) -> u16 {
     u16::from_be_bytes([id[0], id[1]]) >> (16 - CHUNKS.trailing_zeros())
 }
 
+/// Chunk header: the number of records (4).
+const CHUNK_HEADER_LEN: usize = 4;
+/// Record header: id (16), flags (1; bit 0: resume data exists), then the lengths of the
+/// facts, the state slot and the manifest (4 each).
+pub(crate) const RECORD_HEADER_LEN: usize = 29;
+/// Chunk trailer: CRC-32 of every byte before it (4).
+const CHUNK_TRAILER_LEN: usize = 4;
+
 pub(crate) fn encode_chunk(records: &[IndexRecord]) -> Vec<u8> {
-    postcard::to_allocvec(records).unwrap_or_default()
+    let body: usize = records
+        .iter()
+        .map(|r| RECORD_HEADER_LEN + r.body.len())
+        .sum();
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + body + CHUNK_TRAILER_LEN);
+    out.extend_from_slice(
+        &u32::try_from(records.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    let len32 = |b: &[u8]| u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes();
+    for r in records {
+        out.extend_from_slice(&r.id);
+        out.push(u8::from(r.resume));
+        out.extend_from_slice(&len32(r.facts()));
+        out.extend_from_slice(&len32(r.state()));
+        out.extend_from_slice(&len32(r.manifest()));
+        out.extend_from_slice(&r.body);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
 }
 
-/// The number of records a chunk says it holds (its first varint), for reserving room; 0 when
-/// it does not start with one.
+/// The number of records a chunk says it holds, for reserving room (a damaged chunk may say
+/// anything: see [`decode_chunk_into`]'s caller).
 pub(crate) fn chunk_len(b: &[u8]) -> usize {
-    postcard::take_from_bytes::<usize>(b).map_or(0, |(n, _)| n)
+    u32::from_le_bytes(fixed::<4>(b, 0)) as usize
 }
 
 /// Decodes the chunk at `range` of `buf` and appends its records to `out`, which share `buf`.
-/// On an error `out` is unchanged.
+/// On an error (the chunk's checksum fails, or its records do not fill it exactly) `out` is
+/// unchanged.
 pub(crate) fn decode_chunk_into(
     buf: &Arc<Vec<u8>>,
     range: std::ops::Range<usize>,
     out: &mut Vec<IndexRecord>,
 ) -> Result<(), String> {
     let b = buf.get(range).ok_or("chunk out of range")?;
-    let refs: Vec<RecordRef<'_>> = decode_exact(b)?;
-    out.extend(refs.into_iter().map(|r| IndexRecord {
-        id: r.id,
-        resume: r.resume,
-        state: Shared::within(buf, r.state),
-        manifest: Shared::within(buf, r.manifest),
-    }));
+    let crc_at = b
+        .len()
+        .checked_sub(CHUNK_TRAILER_LEN)
+        .filter(|&n| n >= CHUNK_HEADER_LEN)
+        .ok_or("chunk too short")?;
+    let (content, trailer) = b.split_at(crc_at);
+    if crc32fast::hash(content) != u32::from_le_bytes(fixed::<4>(trailer, 0)) {
+        return Err("chunk checksum".into());
+    }
+    let count = chunk_len(content);
+    let from = out.len();
+    let mut at = CHUNK_HEADER_LEN;
+    let parse = |at: &mut usize| -> Option<IndexRecord> {
+        let head = content.get(*at..*at + RECORD_HEADER_LEN)?;
+        let len = |i: usize| {
+            head.get(17 + 4 * i..21 + 4 * i)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map_or(usize::MAX, |b| u32::from_le_bytes(b) as usize)
+        };
+        let (facts, state, manifest) = (len(0), len(1), len(2));
+        let start = *at + RECORD_HEADER_LEN;
+        let end = start
+            .checked_add(facts)?
+            .checked_add(state)?
+            .checked_add(manifest)?;
+        let body = content.get(start..end)?;
+        *at = end;
+        Some(IndexRecord {
+            id: head.get(..16).and_then(|b| <[u8; 16]>::try_from(b).ok())?,
+            resume: head.get(16).is_some_and(|f| f & 1 == 1),
+            body: Shared::within(buf, body),
+            facts_end: facts,
+            state_end: facts + state,
+        })
+    };
+    for _ in 0..count {
+        match parse(&mut at) {
+            Some(r) => out.push(r),
+            None => {
+                out.truncate(from);
+                return Err("record cut short".into());
+            }
+        }
+    }
+    if at != content.len() {
+        out.truncate(from);
+        return Err(format!("{} trailing bytes", content.len() - at));
+    }
     Ok(())
 }
 
@@ -314,7 +515,7 @@ pub(crate) fn decode_chunk_into(
 #[cfg(test)]
 pub(crate) fn decode_chunk(b: &[u8]) -> Result<Vec<IndexRecord>, String> {
     let buf = Arc::new(b.to_vec());
-    let mut out = Vec::with_capacity(chunk_len(b));
+    let mut out = Vec::new();
     decode_chunk_into(&buf, 0..b.len(), &mut out)?;
     Ok(out)
 }
@@ -331,7 +532,7 @@ pub(crate) struct IndexMeta {
 }
 
 /// The version of the index's tables; another version is rebuilt.
-pub(crate) const INDEX_VERSION: u32 = 1;
+pub(crate) const INDEX_VERSION: u32 = 2;
 
 pub(crate) fn encode_meta(m: &IndexMeta) -> Vec<u8> {
     let mut out = INDEX_VERSION.to_le_bytes().to_vec();
@@ -396,32 +597,22 @@ mod tests {
 
     #[test]
     fn chunks_and_meta_round_trip() {
-        let r = IndexRecord {
-            id: [1; 16],
-            resume: false,
-            state: vec![4; 30].into(),
-            manifest: vec![8; 200].into(),
-        };
-        let c = encode_chunk(std::slice::from_ref(&r));
-        // Byte fields are written as serde writes any `Vec<u8>` (format 2 as first shipped).
-        #[derive(Serialize)]
-        struct Plain {
-            id: [u8; 16],
-            resume: bool,
-            state: Vec<u8>,
-            manifest: Vec<u8>,
+        let r = IndexRecord::new([1; 16], false, &[4; 30], &[8; 200]);
+        let q = IndexRecord::new([2; 16], true, &[], &[9; 10]);
+        assert_eq!((r.state(), r.manifest()), (&[4u8; 30][..], &[8u8; 200][..]));
+        // Files that are no manifest make facts that say so.
+        assert_eq!(Facts::decode(r.facts()), Some(Facts::default()));
+        let c = encode_chunk(&[r.clone(), q.clone()]);
+        assert_eq!(decode_chunk(&c), Ok(vec![r, q]));
+        assert_eq!(chunk_len(&c), 2);
+        // Any byte flipped, or the chunk cut short, fails its checksum.
+        for i in 0..c.len() {
+            let mut bad = c.clone();
+            bad[i] ^= 0x04;
+            assert!(decode_chunk(&bad).is_err(), "byte {i} flipped");
         }
-        let plain = Plain {
-            id: r.id,
-            resume: r.resume,
-            state: r.state.to_vec(),
-            manifest: r.manifest.to_vec(),
-        };
-        assert_eq!(postcard::to_allocvec(&vec![plain]).ok(), Some(c.clone()));
-        assert_eq!(decode_chunk(&c), Ok(vec![r]));
         assert!(decode_chunk(&c[..c.len() - 1]).is_err());
-        assert_eq!(chunk_len(&c), 1);
-        assert_eq!(chunk_len(&[]), 0);
+        assert!(decode_chunk(&[]).is_err());
         let m = IndexMeta {
             generation: [2; 16],
             consumed: 56,

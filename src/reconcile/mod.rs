@@ -48,7 +48,7 @@ use std::time::{Duration, SystemTime};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{ErrorClass, Store};
 use crate::transfer::{
-    Kind, Outcome, Phase, Request, RetryPolicy, State, TaskBinding, Transfer, TransferId,
+    Kind, Outcome, Phase, Request, RetryPolicy, TaskBinding, Transfer, TransferId,
 };
 
 /// Which sessions a reconcile covers. Records and tasks of other sessions are left alone (an
@@ -189,22 +189,34 @@ pub struct Record {
 }
 
 /// What the planner reads of a record: a whole [`Record`], or the store's view of one read
-/// from its index (see `crate::format::manifest::ManifestRef`), which decodes only this.
+/// from its index (`crate::format::index::Facts`, read in place; the files are decoded only
+/// for the request of a `recreate`/`resume` and the outcome of a `deliver`).
 pub(crate) trait Planned: Sync {
     /// The transfer's id.
     fn id(&self) -> TransferId;
     /// The manifest's session.
     fn session(&self) -> &str;
-    /// The manifest's idempotency key.
-    fn idempotency_key(&self) -> &str;
+    /// The manifest's idempotency key, unless it is the id's canonical text (which the planner
+    /// finds by id).
+    fn other_key(&self) -> Option<&str>;
     /// Upload or download.
     fn kind(&self) -> Kind;
     /// The manifest's deadline.
     fn deadline(&self) -> Option<SystemTime>;
     /// The manifest's retry policy.
     fn retry(&self) -> RetryPolicy;
-    /// The mutable state.
-    fn state(&self) -> &State;
+    /// The state's phase.
+    fn phase(&self) -> Phase;
+    /// The state's failure count.
+    fn failures(&self) -> u32;
+    /// When the state's next attempt is due.
+    fn next_attempt(&self) -> Option<SystemTime>;
+    /// The state's binding: session, task id and tag.
+    fn binding(&self) -> Option<(&str, u64, Option<&str>)>;
+    /// The state's durable partial length.
+    fn partial_len(&self) -> u64;
+    /// The state's outcome, owned.
+    fn outcome(&self) -> Option<Outcome>;
     /// Whether resume data is stored.
     fn has_resume_data(&self) -> bool;
     /// The URL of the request to run now (the replacement's, else the manifest's).
@@ -220,8 +232,9 @@ impl Planned for Record {
     fn session(&self) -> &str {
         &self.transfer.manifest.session
     }
-    fn idempotency_key(&self) -> &str {
-        &self.transfer.manifest.idempotency_key
+    fn other_key(&self) -> Option<&str> {
+        let key = self.transfer.manifest.idempotency_key.as_str();
+        (TransferId::parse_canonical(key) != Some(self.id())).then_some(key)
     }
     fn kind(&self) -> Kind {
         self.transfer.manifest.kind
@@ -232,8 +245,27 @@ impl Planned for Record {
     fn retry(&self) -> RetryPolicy {
         self.transfer.manifest.retry
     }
-    fn state(&self) -> &State {
-        &self.transfer.state
+    fn phase(&self) -> Phase {
+        self.transfer.state.phase
+    }
+    fn failures(&self) -> u32 {
+        self.transfer.state.failures
+    }
+    fn next_attempt(&self) -> Option<SystemTime> {
+        self.transfer.state.next_attempt
+    }
+    fn binding(&self) -> Option<(&str, u64, Option<&str>)> {
+        self.transfer
+            .state
+            .binding
+            .as_ref()
+            .map(|b| (b.session.as_str(), b.task_id, b.tag.as_deref()))
+    }
+    fn partial_len(&self) -> u64 {
+        self.transfer.state.partial_len
+    }
+    fn outcome(&self) -> Option<Outcome> {
+        self.transfer.state.outcome.clone()
     }
     fn has_resume_data(&self) -> bool {
         self.has_resume_data
@@ -633,24 +665,45 @@ fn inputs<'a, R: Planned>(
         ids: Interner::default(),
         supplied: Vec::new(),
     };
-    let mut seen: FxMap<(u32, u64), ()> =
-        FxMap::with_capacity_and_hasher(tasks.len(), Default::default());
     let mut task_session = Vec::with_capacity(tasks.len());
+    let mut keys = Vec::with_capacity(tasks.len());
+    // Tasks of one session usually follow each other too (see the records below).
+    let mut last: Option<(&str, (u32, bool))> = None;
     for t in tasks {
-        let (s, supplied) = names.id(sessions, &t.session);
+        let (s, supplied) = match last {
+            Some((l, known)) if l == t.session => known,
+            _ => {
+                let known = names.id(sessions, &t.session);
+                last = Some((&t.session, known));
+                known
+            }
+        };
         if !supplied {
             return Err(Error::invalid(format!(
                 "task {} belongs to session {:?}, which was not supplied",
                 t.task_id, t.session
             )));
         }
-        if seen.insert((s, t.task_id), ()).is_some() {
-            return Err(Error::invalid(format!(
-                "task {} of session {:?} is reported twice",
-                t.task_id, t.session
-            )));
-        }
         task_session.push(s);
+        keys.push((s, t.task_id));
+    }
+    // A task reported twice: sorted, the same (session, task id) twice side by side (a list
+    // already in order costs one pass).
+    if !keys.is_sorted() {
+        keys.sort_unstable();
+    }
+    if let Some(&(s, task_id)) = keys
+        .windows(2)
+        .find_map(|w| w.first().filter(|a| w.get(1) == Some(a)))
+    {
+        let session = tasks
+            .iter()
+            .zip(&task_session)
+            .find(|(t, ts)| **ts == s && t.task_id == task_id)
+            .map_or("", |(t, _)| t.session.as_str());
+        return Err(Error::invalid(format!(
+            "task {task_id} of session {session:?} is reported twice"
+        )));
     }
     let mut recs: Vec<(TransferId, &R, u32)> =
         Vec::with_capacity(records.iter().map(|p| p.len()).sum());
@@ -700,21 +753,47 @@ fn weak_evidence<'a, R: Planned>(
     rec_session: &[u32],
     sessions: &mut Interner<'a>,
 ) -> Weak<'a> {
-    let unbound = recs
-        .iter()
-        .filter(|(_, r)| r.state().binding.is_none())
-        .count();
+    let unbound = recs.iter().filter(|(_, r)| r.binding().is_none()).count();
     let mut w = Weak {
         by_binding: FxMap::with_capacity_and_hasher(recs.len() - unbound, Default::default()),
         by_url: FxMap::with_capacity_and_hasher(unbound, Default::default()),
     };
     for (i, ((_, r), &s)) in recs.iter().zip(rec_session).enumerate() {
-        match &r.state().binding {
-            Some(b) => add(&mut w.by_binding, (sessions.id(&b.session), b.task_id), i),
+        match r.binding() {
+            Some((session, task_id, _)) => {
+                add(&mut w.by_binding, (sessions.id(session), task_id), i)
+            }
             None => add(&mut w.by_url, (s, r.url()), i),
         }
     }
     w
+}
+
+/// The position of `id` among records in id order. Ids are random, so they spread evenly: the
+/// search starts where `id` would be if they spread exactly so, and widens from there (a
+/// binary search over however many ids lie between).
+fn find_id<R>(recs: &[(TransferId, R)], id: TransferId) -> Option<usize> {
+    let n = recs.len();
+    let top = u64::from_be_bytes(crate::format::fixed::<8>(id.as_bytes(), 0));
+    let guess = usize::try_from((u128::from(top) * n as u128) >> 64).unwrap_or(0);
+    let key = |i: usize| recs.get(i).map(|(rid, _)| *rid);
+    let (mut lo, mut hi) = (guess, guess.saturating_add(1).min(n));
+    let mut step = 1usize;
+    // Widen until the window [lo, hi) brackets the id.
+    while lo > 0 && key(lo).is_none_or(|k| k > id) {
+        lo = lo.saturating_sub(step);
+        step = step.saturating_mul(2);
+    }
+    step = 1;
+    while hi < n && key(hi - 1).is_some_and(|k| k < id) {
+        hi = hi.saturating_add(step).min(n);
+        step = step.saturating_mul(2);
+    }
+    let window = recs.get(lo..hi)?;
+    window
+        .binary_search_by_key(&id, |(rid, _)| *rid)
+        .ok()
+        .map(|i| lo + i)
 }
 
 /// Matches tasks to records, strongest evidence first: the tag (the record's id, its
@@ -731,21 +810,16 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         sessions,
     } = inp;
     let n = recs.len();
-    // Records are in id order (see `inputs`): an id is found by binary search.
-    let by_id = |id: TransferId| recs.binary_search_by_key(&id, |(rid, _)| *rid).ok();
+    // Records are in id order (see `inputs`).
+    let by_id = |id: TransferId| find_id(recs, id);
     let mut by_tag: FxMap<(u32, &str), Cands> = FxMap::default();
     for (i, ((id, r), &s)) in recs.iter().zip(rec_session.iter()).enumerate() {
         // Tags other than the id itself (the id is found through `by_id`).
-        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let own: &str = uuid::Uuid::from_bytes(*id.as_bytes())
-            .hyphenated()
-            .encode_lower(&mut buf);
-        let key = r.idempotency_key();
-        if key != own {
+        if let Some(key) = r.other_key() {
             add(&mut by_tag, (s, key), i);
         }
-        if let Some(tag) = r.state().binding.as_ref().and_then(|b| b.tag.as_deref())
-            && tag != own
+        if let Some((_, _, Some(tag))) = r.binding()
+            && tag != own_text(*id, &mut [0u8; uuid::fmt::Hyphenated::LENGTH])
         {
             add(&mut by_tag, (s, tag), i);
         }
@@ -879,17 +953,22 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
 /// names nothing (empty, or shared by unrelated tasks) is never recorded: it would make the
 /// next reconcile match every record that recorded it.
 fn identifying_tag(t: &impl Planned, task: &Task) -> Option<String> {
-    let bound = t.state().binding.as_ref().and_then(|b| b.tag.clone());
+    let bound = t.binding().and_then(|(_, _, tag)| tag);
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let own = own_text(t.id(), &mut buf);
     match task.tag.as_deref() {
-        Some(tag)
-            if TransferId::parse_canonical(tag) == Some(t.id())
-                || tag == t.idempotency_key()
-                || bound.as_deref() == Some(tag) =>
-        {
+        Some(tag) if tag == own || bound == Some(tag) || t.other_key() == Some(tag) => {
             Some(tag.to_owned())
         }
-        _ => bound,
+        _ => bound.map(str::to_owned),
     }
+}
+
+/// The id's canonical text, written into `buf` (comparing it is cheaper than parsing a tag).
+fn own_text(id: TransferId, buf: &mut [u8; uuid::fmt::Hyphenated::LENGTH]) -> &str {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+        .hyphenated()
+        .encode_lower(buf)
 }
 
 fn past(deadline: Option<SystemTime>, now: SystemTime) -> bool {
@@ -904,14 +983,13 @@ fn decide(
     opts: &ReconcileOptions,
 ) -> Action {
     let id = t.id();
-    let st = t.state();
     let tref = task.map(Task::key);
-    match st.phase {
+    match t.phase() {
         Phase::Cancelled => return Action::Purge { id, task: tref },
         Phase::Completed | Phase::Failed => {
             return Action::Deliver {
                 id,
-                outcome: st.outcome.clone().unwrap_or(Outcome::Cancelled),
+                outcome: t.outcome().unwrap_or(Outcome::Cancelled),
                 claim: false,
                 task: tref,
             };
@@ -921,7 +999,7 @@ fn decide(
     let no_task = |failure: Option<String>, failures: u32, not_before: Option<SystemTime>, task| {
         let request = t.request();
         let attempt = failures.saturating_add(1);
-        let from = match (t.kind(), t.has_resume_data(), st.partial_len) {
+        let from = match (t.kind(), t.has_resume_data(), t.partial_len()) {
             (Kind::Download, true, _) => Some(ResumeFrom::ResumeData),
             (Kind::Download, false, len) if len > 0 => Some(ResumeFrom::Partial { len }),
             _ => None,
@@ -946,12 +1024,11 @@ fn decide(
             },
         }
     };
-    let pending_retry = st.next_attempt.filter(|t| *t > now);
+    let pending_retry = t.next_attempt().filter(|t| *t > now);
     if let Some(task) = task.filter(|k| k.state == TaskState::Completed) {
-        let bound_to_it = st
-            .binding
-            .as_ref()
-            .is_some_and(|b| b.session == task.session && b.task_id == task.task_id);
+        let bound_to_it = t.binding().is_some_and(|(session, task_id, _)| {
+            session == task.session && task_id == task.task_id
+        });
         if task.succeeded() {
             return Action::Deliver {
                 id,
@@ -965,11 +1042,11 @@ fn decide(
         if past(t.deadline(), now) {
             return Action::Expire { id, task: tref };
         }
-        if bound_to_it && st.phase == Phase::WaitingToRetry {
+        if bound_to_it && t.phase() == Phase::WaitingToRetry {
             // This task's failure was counted before (a reconcile applied, or `fail`).
-            return no_task(None, st.failures, pending_retry, tref);
+            return no_task(None, t.failures(), pending_retry, tref);
         }
-        let failures = st.failures.saturating_add(1);
+        let failures = t.failures().saturating_add(1);
         if failures >= t.retry().max_attempts {
             return Action::GiveUp {
                 id,
@@ -992,7 +1069,7 @@ fn decide(
             bytes_done: task.bytes_done,
             bytes_total: task.bytes_total,
         },
-        (_, tref) => no_task(None, st.failures, pending_retry, tref),
+        (_, tref) => no_task(None, t.failures(), pending_retry, tref),
     }
 }
 
@@ -1198,8 +1275,9 @@ impl Store {
         opts: &ReconcileOptions,
     ) -> Result<Plan> {
         self.core.fs.check()?;
-        if let Some(indexed) = self.index_records() {
-            let (records, corrupt) = Store::plan_view(&indexed);
+        if let Some(indexed) = self.index_records()
+            && let Some((records, corrupt)) = self.plan_view(&indexed)
+        {
             return plan_of(
                 sessions,
                 tasks,
@@ -1219,8 +1297,9 @@ impl Store {
     /// As [`Store::reconcile`].
     pub fn reset_plan(&self, sessions: &Sessions, tasks: &[Task]) -> Result<Plan> {
         self.core.fs.check()?;
-        if let Some(indexed) = self.index_records() {
-            let (records, corrupt) = Store::plan_view(&indexed);
+        if let Some(indexed) = self.index_records()
+            && let Some((records, corrupt)) = self.plan_view(&indexed)
+        {
             return plan_reset_of(sessions, tasks, &[&records.0, &records.1], &corrupt);
         }
         let (records, corrupt) = self.records(sessions)?;
@@ -1360,3 +1439,48 @@ impl Store {
 
 #[cfg(test)]
 mod props;
+
+#[cfg(test)]
+mod find_id_tests {
+    #![allow(clippy::indexing_slicing, reason = "tests")]
+
+    use super::*;
+
+    /// Ids spread evenly or not at all (one prefix, the two ends, counted up from zero): every
+    /// present id is found where it is, and no absent id is found.
+    #[test]
+    fn find_id_finds_exactly_the_ids_present_however_they_spread() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut random = || {
+            state = splitmix(state);
+            state
+        };
+        let from = |hi: u64, lo: u64| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&hi.to_be_bytes());
+            b[8..].copy_from_slice(&lo.to_be_bytes());
+            TransferId::from_bytes(b)
+        };
+        let spreads: Vec<Box<dyn Fn(u64, u64) -> TransferId>> = vec![
+            Box::new(from),
+            Box::new(|_, b| from(0x1234, b)),
+            Box::new(|a, b| from(if a % 2 == 0 { 0 } else { u64::MAX }, b)),
+            Box::new(|_, b| from(0, b % 5000)),
+        ];
+        for spread in &spreads {
+            for n in [0usize, 1, 2, 3, 10, 1000] {
+                let mut ids: Vec<TransferId> = (0..n).map(|_| spread(random(), random())).collect();
+                ids.sort();
+                ids.dedup();
+                let recs: Vec<(TransferId, ())> = ids.iter().map(|id| (*id, ())).collect();
+                for (i, id) in ids.iter().enumerate() {
+                    assert_eq!(find_id(&recs, *id), Some(i));
+                }
+                for _ in 0..200 {
+                    let probe = spread(random(), random());
+                    assert_eq!(find_id(&recs, probe), ids.binary_search(&probe).ok());
+                }
+            }
+        }
+    }
+}
