@@ -234,7 +234,8 @@ impl Planned for Record {
     }
     fn other_key(&self) -> Option<&str> {
         let key = self.transfer.manifest.idempotency_key.as_str();
-        (TransferId::parse_canonical(key) != Some(self.id())).then_some(key)
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        (key != own_text(self.id(), &mut buf)).then_some(key)
     }
     fn kind(&self) -> Kind {
         self.transfer.manifest.kind
@@ -774,7 +775,10 @@ fn weak_evidence<'a, R: Planned>(
 /// binary search over however many ids lie between).
 fn find_id<R>(recs: &[(TransferId, R)], id: TransferId) -> Option<usize> {
     let n = recs.len();
-    let top = u64::from_be_bytes(crate::format::fixed::<8>(id.as_bytes(), 0));
+    let top = id
+        .as_bytes()
+        .first_chunk::<8>()
+        .map_or(0, |b| u64::from_be_bytes(*b));
     let guess = usize::try_from((u128::from(top) * n as u128) >> 64).unwrap_or(0);
     let key = |i: usize| recs.get(i).map(|(rid, _)| *rid);
     let (mut lo, mut hi) = (guess, guess.saturating_add(1).min(n));
