@@ -970,7 +970,7 @@ mod tests {
         assert_plans_match(holder, &truth, what);
     }
 
-    /// The holder plans from the index's borrowed view exactly what the planner plans from the
+    /// The holder plans from the index's facts exactly what the planner plans from the
     /// directories' whole records, for tasks matched by tag, by URL, finished and unknown.
     fn assert_plans_match(holder: &Store, truth: &[Transfer], what: &str) {
         use crate::reconcile::{self, ReconcileOptions, Sessions, Task};
