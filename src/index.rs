@@ -446,16 +446,17 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
         Err(e) if e.is_corrupt() || e.is_not_found_io() => Vec::new(),
         Err(e) => return Err(as_io(e)),
     };
-    let download = crate::format::manifest::decode_ref(Path::new(""), &manifest)
-        .is_ok_and(|m| m.kind == crate::Kind::Download);
-    let resume = download
+    // The record's facts decode the manifest once; they say whether it is a (valid) download.
+    let mut record = IndexRecord::new(*id.as_bytes(), false, &state, &manifest);
+    let download = fmt::Facts::decode(record.facts()).is_some_and(|f| f.download);
+    record.resume = download
         && match std::fs::symlink_metadata(dir.join(RESUME)) {
             Ok(m) => m.is_file(),
             Err(e) if e.kind() == NotFound => false,
             Err(e) => return Err(e),
         };
     Ok(Reread {
-        record: Some(IndexRecord::new(*id.as_bytes(), resume, &state, &manifest)),
+        record: Some(record),
         settled,
     })
 }
