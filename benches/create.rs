@@ -13,7 +13,9 @@
 //! transfer a directory made, the state and manifest files created and written, the payload
 //! hard-linked, the directory renamed into place; one `syncfs` and one directory `fsync` for the
 //! whole batch), which is what the file system charges for the on-disk layout, before any
-//! library work.
+//! library work; once on one thread, and once split over as many threads as `create_batch`
+//! uses by default (the kernel's work of creating files runs in parallel on separate
+//! directories).
 
 #![allow(
     clippy::unwrap_used,
@@ -151,13 +153,14 @@ fn one(c: &mut Criterion) {
 }
 
 /// The on-disk layout's floor for a batch of `n`: what `create_batch` asks of the file system,
-/// done bare.
-fn layout_floor(dir: &Path, src: &Path, n: usize, round: usize) {
-    let staging = dir.join(format!("floor-staging-{round}"));
-    let live = dir.join(format!("floor-transfers-{round}"));
+/// done bare, on `threads` threads (each a contiguous share, as `create_batch` splits a batch).
+fn layout_floor(dir: &Path, src: &Path, n: usize, round: usize, threads: usize) {
+    let staging = dir.join(format!("floor-staging-{threads}-{round}"));
+    let live = dir.join(format!("floor-transfers-{threads}-{round}"));
     std::fs::create_dir_all(&staging).unwrap();
     std::fs::create_dir_all(&live).unwrap();
-    // Linux syncs the whole file system once; elsewhere each file is synced as it is written.
+    // Linux syncs the whole file system once per share; elsewhere each file is synced as it is
+    // written.
     let once = cfg!(target_os = "linux");
     let create = |p: PathBuf, bytes: &[u8]| {
         let mut f = File::options()
@@ -171,36 +174,59 @@ fn layout_floor(dir: &Path, src: &Path, n: usize, round: usize) {
             f.sync_data().unwrap();
         }
     };
-    for i in 0..n {
-        let d = staging.join(i.to_string());
-        std::fs::create_dir(&d).unwrap();
-        create(d.join("state"), &[0x53; 35]);
-        std::fs::hard_link(src, d.join("payload")).unwrap();
-        create(d.join("manifest"), &[0x4d; 207]);
-    }
-    let top = File::open(&staging).unwrap();
-    if once {
-        rustix::fs::syncfs(&top).unwrap();
-    }
-    for i in 0..n {
-        std::fs::rename(staging.join(i.to_string()), live.join(i.to_string())).unwrap();
-    }
+    let share = |lo: usize, hi: usize| {
+        for i in lo..hi {
+            let d = staging.join(i.to_string());
+            std::fs::create_dir(&d).unwrap();
+            create(d.join("state"), &[0x53; 35]);
+            std::fs::hard_link(src, d.join("payload")).unwrap();
+            create(d.join("manifest"), &[0x4d; 207]);
+        }
+        let top = File::open(&staging).unwrap();
+        if once {
+            rustix::fs::syncfs(&top).unwrap();
+        }
+        for i in lo..hi {
+            std::fs::rename(staging.join(i.to_string()), live.join(i.to_string())).unwrap();
+        }
+    };
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        for t in 1..threads {
+            let share = &share;
+            s.spawn(move || share((t * per).min(n), ((t + 1) * per).min(n)));
+        }
+        share(0, per.min(n));
+    });
     File::open(&live).unwrap().sync_all().unwrap();
+}
+
+/// A fresh upload source: a file has at most 65,000 hard links on ext4, and each contender
+/// links 10,000 a round.
+fn source(dir: &Path, name: &str) -> PathBuf {
+    let src = dir.join(name);
+    std::fs::write(&src, vec![1u8; PAYLOAD]).unwrap();
+    File::open(&src).unwrap().sync_all().unwrap();
+    src
 }
 
 fn batch(_: &mut Criterion) {
     let dir = common::scratch();
-    let src = dir.path().join("photo.jpg");
-    std::fs::write(&src, vec![1u8; PAYLOAD]).unwrap();
-    File::open(&src).unwrap().sync_all().unwrap();
+    let (src, one_src, floor_src) = (
+        source(dir.path(), "batch.jpg"),
+        source(dir.path(), "one.jpg"),
+        source(dir.path(), "floor.jpg"),
+    );
     let store = Store::open(dir.path().join("store")).unwrap();
+    // What `create_batch` uses by default.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let mut db = sqlite(&dir.path().join("batch.sqlite"));
     let (manifest, state) = row();
     let mut next = 0usize;
-    let (mut batch, mut single, mut lite, mut floor) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut batch, mut single, mut lite, mut floor, mut floor_par) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..3 {
-        let mut order: Vec<u8> = vec![0, 1, 2, 3];
+        let mut order: Vec<u8> = vec![0, 1, 2, 3, 4];
         order.rotate_left(round);
         for which in order {
             let t = Instant::now();
@@ -213,14 +239,18 @@ fn batch(_: &mut Criterion) {
                 }
                 1 => {
                     for i in 0..ONE_BY_ONE {
-                        store.create(new_transfer(&src, next + i)).unwrap();
+                        store.create(new_transfer(&one_src, next + i)).unwrap();
                     }
                     next += ONE_BY_ONE;
                     single.push(t.elapsed().as_secs_f64() * (BATCH / ONE_BY_ONE) as f64);
                 }
                 3 => {
-                    layout_floor(dir.path(), &src, BATCH, round);
+                    layout_floor(dir.path(), &floor_src, BATCH, round, 1);
                     floor.push(t.elapsed().as_secs_f64());
+                }
+                4 => {
+                    layout_floor(dir.path(), &floor_src, BATCH, round, threads);
+                    floor_par.push(t.elapsed().as_secs_f64());
                 }
                 _ => {
                     let tx = db.transaction().unwrap();
@@ -241,6 +271,7 @@ fn batch(_: &mut Criterion) {
     let speedups: Vec<f64> = single.iter().zip(&batch).map(|(s, b)| s / b).collect();
     let vs_sqlite: Vec<f64> = batch.iter().zip(&lite).map(|(b, l)| b / l).collect();
     let vs_floor: Vec<f64> = batch.iter().zip(&floor).map(|(b, f)| b / f).collect();
+    let vs_floor_par: Vec<f64> = batch.iter().zip(&floor_par).map(|(b, f)| b / f).collect();
     let med = |v: &[f64]| common::median(&mut v.to_vec());
     let secs = |s: f64| common::fmt_duration(Duration::from_secs_f64(s));
     println!("\nbatch create of {BATCH} (3 alternating runs; medians)");
@@ -259,6 +290,10 @@ fn batch(_: &mut Criterion) {
         secs(med(&floor))
     );
     println!(
+        "  the layout's floor, {threads} threads  {:>10}   (the same, split as create_batch splits it)",
+        secs(med(&floor_par))
+    );
+    println!(
         "  batch throughput / one by one:  {:.1}x (runs: {:.1?}; goal >= 10x)",
         med(&speedups),
         speedups
@@ -272,6 +307,11 @@ fn batch(_: &mut Criterion) {
         "  batch time / the layout's floor: {:.2}x (runs: {:.2?})",
         med(&vs_floor),
         vs_floor
+    );
+    println!(
+        "  batch time / the floor, {threads} threads: {:.2}x (runs: {:.2?})",
+        med(&vs_floor_par),
+        vs_floor_par
     );
 }
 

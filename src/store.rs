@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,8 +34,10 @@ pub(crate) const RESUME: &str = "resume";
 pub const MAX_NAME_BYTES: usize = 100;
 /// The longest error text kept in the state; longer text is cut at a character boundary.
 pub const MAX_ERROR_BYTES: usize = 1024;
-/// Members of a batch built and synced together with one `syncfs`.
-const SHARED_PART: usize = 64;
+/// The most threads a batch create uses by default.
+const MAX_BATCH_THREADS: usize = 4;
+/// Members per thread below which a batch create does not start another thread.
+const MEMBERS_PER_THREAD: usize = 256;
 /// The largest resume data accepted.
 pub const MAX_RESUME_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -51,6 +54,8 @@ pub struct StoreBuilder {
     clear_debris: bool,
     background_flush: bool,
     shared_sync_min: usize,
+    batch_threads: usize,
+    open_budget: Option<usize>,
     hold_index: bool,
     backend: Option<Arc<dyn crate::fs::Backend>>,
 }
@@ -78,6 +83,9 @@ impl Default for StoreBuilder {
             clear_debris: true,
             background_flush: true,
             shared_sync_min: 8,
+            batch_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get().min(MAX_BATCH_THREADS)),
+            open_budget: None,
             hold_index: true,
             backend: None,
         }
@@ -173,10 +181,36 @@ impl StoreBuilder {
         self
     }
 
+    /// How many threads [`Store::create_batch`] builds a large batch on. Default: the
+    /// machine's available parallelism, at most 4. Creating files and directories is mostly
+    /// the kernel's work, which runs in parallel on separate directories; 1 builds every batch
+    /// on the caller's thread. Only batches of at least 512 members synced with one file-system
+    /// sync (Linux, Android) use more than one thread, and at most one per 256 members; the
+    /// threads share the batch's bound on open files.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), waybill::Error> {
+    /// let dir = tempfile::tempdir().expect("tempdir");
+    /// let store = waybill::Store::builder().batch_threads(1).open(dir.path())?;
+    /// # drop(store); Ok(()) }
+    /// ```
+    pub fn batch_threads(mut self, n: usize) -> Self {
+        self.batch_threads = n.max(1);
+        self
+    }
+
     /// The smallest batch that syncs with one file-system sync instead of file by file.
     #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn shared_sync_min(mut self, n: usize) -> Self {
         self.shared_sync_min = n;
+        self
+    }
+
+    /// The files a batch create may keep open, instead of [`wfs::open_file_budget`] (tests:
+    /// batches of many parts without thousands of members).
+    #[cfg(test)]
+    pub(crate) fn open_budget(mut self, n: usize) -> Self {
+        self.open_budget = Some(n);
         self
     }
 
@@ -857,10 +891,30 @@ impl Store {
 
 /// What one create call has learned of the file system: each upload source resolved, and the
 /// device `staging/` is on.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Sources {
     resolved: HashMap<PathBuf, (PathBuf, wfs::Meta)>,
     staging_dev: Option<u64>,
+}
+
+/// What every share of one batch create has in common.
+struct Batch<'a> {
+    now: SystemTime,
+    /// Synced with one file-system sync per part instead of file by file.
+    shared: bool,
+    part_len: usize,
+    /// Set by the first share that fails, so the others stop at their next part.
+    stop: &'a AtomicBool,
+}
+
+/// What one share of a batch create did.
+struct BatchRun {
+    /// Members renamed into `transfers/`, in order.
+    moved: Vec<TransferId>,
+    manifests: Vec<(TransferId, Manifest)>,
+    failed: Option<Error>,
+    /// Stopped early because another share failed.
+    stopped: bool,
 }
 
 /// A transfer built in `staging/`, not yet visible.
@@ -1303,12 +1357,15 @@ impl Store {
     }
 
     /// Creates many transfers in one call, sharing syncs: on Linux and Android a batch of 8 or
-    /// more is made durable with one `syncfs` per 64 members and one directory sync, instead of
-    /// four syncs per transfer; elsewhere, and for smaller batches, the directory sync is
-    /// shared. A batch of any size holds a bounded number of files open: it is built and renamed
-    /// in parts (64 members, or 16 when syncing file by file), so members of earlier parts can
-    /// be seen by other readers before the call returns. Each transfer is whole or absent after
-    /// a crash; on `Ok` all of them survive.
+    /// more is made durable with one `syncfs` per part and one directory sync, instead of four
+    /// syncs per transfer; elsewhere, and for smaller batches, the directory sync is shared. A
+    /// batch of any size holds a bounded number of files open: it is built and renamed in parts
+    /// (with `syncfs`, as many members as a quarter of the process's soft limit on open files,
+    /// between 32 and 1,024; 16 when syncing file by file), so members of earlier parts can be
+    /// seen by other readers before the call returns. A large batch is built on several threads
+    /// (see [`StoreBuilder::batch_threads`]), which share that bound. Each transfer is whole or
+    /// absent after a crash; on `Ok` all of them survive, and the ids come back in the order of
+    /// `items`.
     ///
     /// ```
     /// # fn main() -> Result<(), waybill::Error> {
@@ -1335,69 +1392,209 @@ impl Store {
         let staging = self.dir(STAGING);
         let shared = items.len() >= self.cfg.shared_sync_min
             && self.core.fs.can_sync_fs(&self.core.fs.open_dir(&staging)?);
+        let threads = if shared {
+            self.cfg
+                .batch_threads
+                .min(items.len() / MEMBERS_PER_THREAD)
+                .max(1)
+        } else {
+            1
+        };
         // Built and renamed in parts, so a batch of any size holds a bounded number of open
         // files (iOS allows 256 by default): a part keeps each member's locked state file
-        // open, and, when syncing file by file, up to three more files per member.
-        let part_len = if shared { SHARED_PART } else { 16 };
+        // open, and, when syncing file by file, up to three more files per member. Threads
+        // share the bound.
+        let part_len = if shared {
+            (self.cfg.open_budget.unwrap_or_else(wfs::open_file_budget) / threads).max(16)
+        } else {
+            16
+        };
         let mut sources = Sources::default();
-        if items.len() > part_len {
-            // Earlier parts become visible before later ones are built: check up front what
-            // a later build could refuse, so input errors fail the batch before anything shows.
+        if items.len() > part_len || threads > 1 {
+            // Earlier parts (or another thread's) become visible before later ones are built:
+            // check up front what a later build could refuse, so input errors fail the batch
+            // before anything shows.
             for t in &items {
                 self.precheck(t, now, &mut sources)?;
             }
         }
+        let stop = AtomicBool::new(false);
+        let job = Batch {
+            now,
+            shared,
+            part_len,
+            stop: &stop,
+        };
+        let runs = if threads == 1 {
+            vec![self.create_parts(&job, items, sources)]
+        } else {
+            self.create_parallel(&job, items, &sources, threads)
+        };
+        let mut moved = Vec::with_capacity(runs.iter().map(|r| r.moved.len()).sum());
+        let mut manifests = Vec::with_capacity(moved.capacity());
+        let mut failed = None;
+        let mut stopped = false;
+        for r in runs {
+            moved.extend(r.moved);
+            manifests.extend(r.manifests);
+            stopped |= r.stopped;
+            if failed.is_none() {
+                failed = r.failed;
+            }
+        }
+        if stopped && failed.is_none() {
+            // Only a failure stops a share; never left incomplete and called a success.
+            failed = Some(Error::io(
+                "create a batch in",
+                &staging,
+                std::io::Error::other("a share of the batch stopped early"),
+            ));
+        }
+        if let Some(e) = failed {
+            self.roll_back(&moved);
+            return Err(e);
+        }
+        if let Err(e) = self.core.fs.sync_dir(&self.dir(TRANSFERS)) {
+            // Not acknowledged: take the batch back out so an `Err` leaves nothing visible.
+            self.roll_back(&moved);
+            return Err(e);
+        }
+        let mut cache = lock(&self.core.manifests);
+        for (id, m) in manifests {
+            tracing::debug!(transfer = %id, kind = %m.kind, "created");
+            cache.insert(id, Arc::new(m));
+        }
+        Ok(moved)
+    }
+
+    /// Builds `items` on `threads` threads, each taking a contiguous share, and returns their
+    /// runs in the items' order. A share whose thread could not be started is built on the
+    /// caller's thread.
+    fn create_parallel(
+        &self,
+        job: &Batch<'_>,
+        mut items: Vec<NewTransfer>,
+        sources: &Sources,
+        threads: usize,
+    ) -> Vec<BatchRun> {
+        let per = items.len().div_ceil(threads);
+        let mut shares = Vec::with_capacity(threads);
+        while items.len() > per {
+            let rest = items.split_off(per);
+            shares.push(items);
+            items = rest;
+        }
+        shares.push(items);
+        std::thread::scope(|scope| {
+            let mut shares = shares.into_iter();
+            let first = shares.next().unwrap_or_default();
+            let mut started = Vec::with_capacity(threads);
+            for share in shares {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let theirs = sources.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("waybill-batch".into())
+                    .spawn_scoped(scope, move || {
+                        let share = rx.recv().unwrap_or_default();
+                        self.create_parts(job, share, theirs)
+                    });
+                match spawned {
+                    Ok(h) => {
+                        // Cannot fail: the thread waits for its share before anything else,
+                        // so the receiver lives until it has it.
+                        let _ = tx.send(share);
+                        started.push(Ok(h));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not start a batch thread; building on the caller's");
+                        started.push(Err(share));
+                    }
+                }
+            }
+            let mut runs = vec![self.create_parts(job, first, sources.clone())];
+            for s in started {
+                runs.push(match s {
+                    Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                    Err(share) => self.create_parts(job, share, sources.clone()),
+                });
+            }
+            runs
+        })
+    }
+
+    /// Builds, syncs and renames `items` into `transfers/` part by part, until done, failed, or
+    /// another share of the batch failed. Members renamed before a failure are in the run's
+    /// `moved`, for the caller to roll back with the rest of the batch.
+    fn create_parts(
+        &self,
+        job: &Batch<'_>,
+        items: Vec<NewTransfer>,
+        mut sources: Sources,
+    ) -> BatchRun {
+        let staging = self.dir(STAGING);
         let transfers = self.dir(TRANSFERS);
-        let mut moved: Vec<TransferId> = Vec::with_capacity(items.len());
-        let mut manifests = Vec::with_capacity(items.len());
+        let mut run = BatchRun {
+            moved: Vec::with_capacity(items.len()),
+            manifests: Vec::with_capacity(items.len()),
+            failed: None,
+            stopped: false,
+        };
+        let fail = |run: &mut BatchRun, e: Error| {
+            job.stop.store(true, Ordering::Relaxed);
+            run.failed = Some(e);
+        };
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
-            let part: Vec<NewTransfer> = items.by_ref().take(part_len).collect();
+            if job.stop.load(Ordering::Relaxed) {
+                // Another share failed; the batch is rolled back whole.
+                run.stopped = true;
+                return run;
+            }
+            let part: Vec<NewTransfer> = items.by_ref().take(job.part_len).collect();
             let mut staged = Vec::with_capacity(part.len());
             // Opened before the part is written, so its `syncfs` reports any write-back error
             // that happens after this point.
-            let sync_with = if shared {
-                Some(self.core.fs.open_dir(&staging)?)
+            let sync_with = if job.shared {
+                match self.core.fs.open_dir(&staging) {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        fail(&mut run, e);
+                        return run;
+                    }
+                }
             } else {
                 None
             };
-            if let Err(e) = self.stage_all(part, now, sync_with.as_ref(), &mut sources, &mut staged)
-            {
+            let built = self
+                .stage_all(part, job.now, sync_with.as_ref(), &mut sources, &mut staged)
+                .and_then(|()| match &self.core.journal {
+                    // Each member's lock is held from here until its entry is journaled.
+                    Some(j) => j.intents(
+                        &self.core.root,
+                        &staged.iter().map(|s| s.id).collect::<Vec<_>>(),
+                    ),
+                    None => Ok(()),
+                });
+            if let Err(e) = built {
                 for s in &staged {
                     let _ = self.core.fs.remove_tree(&s.dir);
                 }
-                self.roll_back(&moved);
-                return Err(e);
-            }
-            let mut failed = None;
-            if let Some(j) = &self.core.journal {
-                // Each member's lock is held from here until its entry is journaled.
-                let ids: Vec<TransferId> = staged.iter().map(|s| s.id).collect();
-                if let Err(e) = j.intents(&self.core.root, &ids) {
-                    for s in &staged {
-                        let _ = self.core.fs.remove_tree(&s.dir);
-                    }
-                    self.roll_back(&moved);
-                    return Err(e);
-                }
+                fail(&mut run, e);
+                return run;
             }
             for (i, s) in staged.iter().enumerate() {
                 let to = transfers.join(s.id.to_string());
                 if let Err(e) = self.core.fs.rename(&s.dir, &to) {
-                    failed = Some((i, e));
-                    break;
+                    let rest: Vec<PathBuf> = staged.iter().skip(i).map(|s| s.dir.clone()).collect();
+                    // Releases this part's locks, so the rollback can take each member's lock.
+                    drop(staged);
+                    for d in rest {
+                        let _ = self.core.fs.remove_tree(&d);
+                    }
+                    fail(&mut run, e);
+                    return run;
                 }
-                moved.push(s.id);
-            }
-            if let Some((i, e)) = failed {
-                let rest: Vec<PathBuf> = staged.iter().skip(i).map(|s| s.dir.clone()).collect();
-                // Releases this part's locks, so the rollback can take each member's lock.
-                drop(staged);
-                self.roll_back(&moved);
-                for d in rest {
-                    let _ = self.core.fs.remove_tree(&d);
-                }
-                return Err(e);
+                run.moved.push(s.id);
             }
             let mut bodies = Vec::with_capacity(staged.len());
             let mut locks = Vec::with_capacity(staged.len());
@@ -1411,7 +1608,7 @@ impl Store {
                         manifest: Some(manifest),
                     },
                 ));
-                manifests.push((s.id, s.manifest));
+                run.manifests.push((s.id, s.manifest));
                 locks.push(s.state);
             }
             if let Some(j) = &self.core.journal {
@@ -1421,17 +1618,7 @@ impl Store {
             // The members' locks are held until their entries are journaled.
             drop(locks);
         }
-        if let Err(e) = self.core.fs.sync_dir(&transfers) {
-            // Not acknowledged: take the batch back out so an `Err` leaves nothing visible.
-            self.roll_back(&moved);
-            return Err(e);
-        }
-        let mut cache = lock(&self.core.manifests);
-        for (id, m) in manifests {
-            tracing::debug!(transfer = %id, kind = %m.kind, "created");
-            cache.insert(id, Arc::new(m));
-        }
-        Ok(moved)
+        run
     }
 
     /// Moves already-renamed members of a failed batch to `trash/` and deletes them. Failures
@@ -1559,7 +1746,7 @@ impl Store {
             let id = TransferId::new_v4();
             let dir = self.dir(STAGING).join(id.to_string());
             self.core.fs.create_dir(&dir)?;
-            match self.build(id, &dir, t, now, sources) {
+            match self.build(id, &dir, t, now, shared, sources) {
                 Ok(mut s) => {
                     if shared {
                         s.to_sync.clear();
@@ -1592,6 +1779,7 @@ impl Store {
         dir: &Path,
         t: NewTransfer,
         now: SystemTime,
+        shared: bool,
         sources: &mut Sources,
     ) -> Result<Staged> {
         let state_path = dir.join(STATE);
@@ -1619,16 +1807,27 @@ impl Store {
                         path.display()
                     )));
                 }
+                // Synced with the whole file system, a linked file needs no handle: its
+                // identity is read through the link, in this builder's locked directory.
                 let (placed, f) = self.core.fs.link_or_copy(
                     &src,
                     &payload_path,
                     link != LinkMode::Copy,
                     link != LinkMode::HardLink,
+                    !shared,
                 )?;
-                let (dev, ino, len, mtime_ns) = self.core.fs.identity(&f, &payload_path)?;
+                let (dev, ino, len, mtime_ns) = match &f {
+                    Some(f) => self.core.fs.identity(f, &payload_path)?,
+                    None => {
+                        let m = self.core.fs.lstat(&payload_path)?;
+                        (m.dev, m.ino, m.len, m.mtime_ns)
+                    }
+                };
                 // A linked file's data must be durable too before the transfer is: the caller
                 // may have written it moments ago. Syncing does not modify it.
-                to_sync.push((f, payload_path));
+                if let Some(f) = f {
+                    to_sync.push((f, payload_path));
+                }
                 match placed {
                     Placed::Linked => PayloadFacts::Linked {
                         len,
@@ -1662,10 +1861,12 @@ impl Store {
         to_sync.push((mf, mpath));
         let slot = state_fmt::encode_slot(1, &State::new())?;
         self.core.fs.write_at(&state, &state_path, 0, &slot)?;
-        let sf = state
-            .try_clone()
-            .map_err(|e| Error::io("duplicate handle", &state_path, e))?;
-        to_sync.push((sf, state_path));
+        if !shared {
+            let sf = state
+                .try_clone()
+                .map_err(|e| Error::io("duplicate handle", &state_path, e))?;
+            to_sync.push((sf, state_path));
+        }
         Ok(Staged {
             id,
             dir: dir.to_path_buf(),
@@ -2583,7 +2784,11 @@ impl Store {
                 Err(e) if wfs::is_cross_device(&e) => {
                     let tmp = dir.join("payload.tmp");
                     self.core.fs.remove_file(&tmp)?;
-                    let (_, f) = self.core.fs.link_or_copy(file, &tmp, false, true)?;
+                    let (_, f) = self.core.fs.link_or_copy(file, &tmp, false, true, true)?;
+                    let f = match f {
+                        Some(f) => f,
+                        None => self.core.fs.open_read(&tmp)?,
+                    };
                     self.core.fs.sync_data(&f, &tmp)?;
                     self.core.fs.rename(&tmp, &dst)?;
                     false
@@ -2885,8 +3090,9 @@ mod tests {
     }
 
     /// One create needs five syncs (manifest, state, payload, its directory, `transfers/`); a
-    /// batch of 100 shares them: one file-system sync per part of 64 and one directory sync
-    /// where `syncfs` exists, else four per transfer and one shared directory sync.
+    /// batch shares them: one file-system sync per part and one directory sync where `syncfs`
+    /// exists, else four per transfer and one shared directory sync. A batch built on two
+    /// threads syncs each thread's parts, and its ids come back in the order of its items.
     #[test]
     fn a_batch_create_shares_its_syncs() -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
@@ -2894,7 +3100,10 @@ mod tests {
         let counter = Arc::new(CountingAllSyncs::default());
         let store = Store::builder()
             .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .batch_threads(2)
             .open(dir.path())?;
+        let syncfs = cfg!(any(target_os = "linux", target_os = "android"));
+        let budget = crate::fs::open_file_budget() as u64;
         let upload = || {
             NewTransfer::upload(
                 "https://example.com/u",
@@ -2907,18 +3116,39 @@ mod tests {
         let before = counter.0.load(SeqCst);
         let ids = store.create_batch((0..100).map(|_| upload()).collect())?;
         let used = counter.0.load(SeqCst) - before;
-        if cfg!(any(target_os = "linux", target_os = "android")) {
-            assert_eq!(
-                used,
-                100u64.div_ceil(SHARED_PART as u64) + 1,
-                "a batch of 100"
-            );
+        if syncfs {
+            assert_eq!(used, 100u64.div_ceil(budget) + 1, "a batch of 100");
         } else {
             assert_eq!(used, 4 * 100 + 1, "a batch of 100");
         }
         // And the batch is whole: every member reads back.
         for id in ids {
             assert_eq!(store.get(id)?.manifest.payload.len(), 1);
+        }
+        // 1,100 members on two threads of 550: each thread's parts share half the budget.
+        let before = counter.0.load(SeqCst);
+        let items = (0..1100)
+            .map(|i| NewTransfer::download(format!("https://example.com/{i}")))
+            .collect();
+        let ids = store.create_batch(items)?;
+        let used = counter.0.load(SeqCst) - before;
+        if syncfs {
+            assert_eq!(
+                used,
+                2 * 550u64.div_ceil(budget / 2) + 1,
+                "a batch of 1,100"
+            );
+        } else {
+            assert_eq!(used, 3 * 1100 + 1, "a batch of 1,100");
+        }
+        assert_eq!(ids.len(), 1100);
+        for (i, id) in ids.into_iter().enumerate() {
+            let url = format!("https://example.com/{i}");
+            assert_eq!(
+                store.get(id)?.manifest.request.url,
+                url,
+                "ids in item order"
+            );
         }
         Ok(())
     }
@@ -3002,6 +3232,7 @@ mod tests {
         let counter = Arc::new(CountingRenames::default());
         let store = Store::builder()
             .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .open_budget(64)
             .open(dir.path())?;
         let good = |i: usize| NewTransfer::download(format!("https://example.com/{i}"));
         let bad: [NewTransfer; 2] = [
@@ -3021,6 +3252,64 @@ mod tests {
             assert!(store.create_batch(items).is_err());
             assert_eq!(counter.0.load(SeqCst), before, "no member was renamed");
             assert!(store.list(&Filter::all())?.is_empty());
+        }
+        Ok(())
+    }
+
+    /// The real file system, whose `n`-th rename fails.
+    #[derive(Debug)]
+    struct FailingRename {
+        renames: std::sync::atomic::AtomicU64,
+        fail_at: u64,
+    }
+
+    impl crate::fs::Backend for FailingRename {
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            let n = self
+                .renames
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            if n == self.fail_at {
+                return Err(std::io::Error::other("injected rename failure"));
+            }
+            crate::fs::Real.rename(from, to)
+        }
+    }
+
+    /// A batch built on two threads whose rename fails half way, after both threads have
+    /// renamed parts into `transfers/`, leaves nothing anywhere: the whole batch is rolled
+    /// back, and the error is the failure itself, not the other thread's stop.
+    #[test]
+    fn a_batch_failing_on_one_thread_rolls_back_every_thread() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
+        let backend = Arc::new(FailingRename {
+            renames: Default::default(),
+            fail_at: 300,
+        });
+        let store = Store::builder()
+            .backend(Arc::clone(&backend) as Arc<dyn crate::fs::Backend>)
+            .batch_threads(2)
+            .open_budget(64)
+            .open(dir.path())?;
+        let items: Vec<NewTransfer> = (0..600)
+            .map(|i| NewTransfer::download(format!("https://example.com/{i}")))
+            .collect();
+        let err = store.create_batch(items).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("injected rename failure")),
+            "{err:?}"
+        );
+        assert!(
+            backend.renames.load(std::sync::atomic::Ordering::SeqCst) >= 300,
+            "the failure was reached"
+        );
+        assert!(store.list(&Filter::all())?.is_empty());
+        for sub in [STAGING, TRANSFERS, TRASH] {
+            let left = std::fs::read_dir(dir.path().join(sub))
+                .map_err(|e| Error::io("read", &dir.path().join(sub), e))?
+                .count();
+            assert_eq!(left, 0, "{sub} is empty");
         }
         Ok(())
     }
