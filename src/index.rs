@@ -853,11 +853,7 @@ impl Index {
             dirty.insert(fmt::chunk_of(&id));
             changed.insert(id, rec);
         }
-        if !changed.is_empty() {
-            records.retain(|r| !changed.contains_key(&r.id));
-            records.extend(changed.into_values().flatten());
-            records.sort_unstable_by_key(|r| r.id);
-        }
+        apply_changes(&mut records, changed.into_iter().collect());
         let consumed = unsettled.unwrap_or(parsed);
         let write = rebuilt || long;
         if write && (consumed != meta.consumed || rebuilt) {
@@ -905,6 +901,48 @@ impl Index {
         }
         Ok(())
     }
+}
+
+/// Applies the journal's changes to `records` (sorted by id, and kept so): each id's new
+/// record, or `None` for a transfer that is gone. A change to a known transfer (the common case:
+/// its state was rewritten) replaces its record in place; only added and removed transfers
+/// cost a pass over all of them.
+fn apply_changes(
+    records: &mut Vec<IndexRecord>,
+    mut changed: Vec<([u8; 16], Option<IndexRecord>)>,
+) {
+    changed.sort_unstable_by_key(|(id, _)| *id);
+    let mut moved = Vec::new();
+    for (id, rec) in changed {
+        match (records.binary_search_by(|r| r.id.cmp(&id)), rec) {
+            (Ok(i), Some(new)) => {
+                if let Some(slot) = records.get_mut(i) {
+                    *slot = new;
+                }
+            }
+            (Ok(_), None) => moved.push((id, None)),
+            (Err(_), Some(new)) => moved.push((id, Some(new))),
+            (Err(_), None) => {}
+        }
+    }
+    if moved.is_empty() {
+        return;
+    }
+    let old = std::mem::take(records);
+    records.reserve(old.len() + moved.len());
+    let mut moved = moved.into_iter().peekable();
+    for r in old {
+        while let Some((_, new)) = moved.next_if(|(id, _)| *id < r.id) {
+            records.extend(new);
+        }
+        match moved.next_if(|(id, _)| *id == r.id) {
+            // Gone: nothing takes its place.
+            Some((_, None)) => {}
+            Some((_, Some(new))) => records.push(new),
+            None => records.push(r),
+        }
+    }
+    records.extend(moved.filter_map(|(_, new)| new));
 }
 
 /// Parses the journal tail starting at file offset `base`: the last frame per transfer, and
@@ -958,6 +996,34 @@ mod tests {
     use crate::{
         Durability, ErrorClass, Filter, NewTransfer, Store, TaskBinding, Transfer, UploadSource,
     };
+
+    proptest::proptest! {
+        /// Applying the journal's changes in place (replacements) and by one merge (added and
+        /// removed transfers) gives what removing every changed id, adding the new records and
+        /// sorting gives, and the records stay sorted.
+        #[test]
+        fn changes_applied_in_place_equal_a_rebuilt_sorted_list(
+            have in proptest::collection::btree_set(0u8..64, 0..40),
+            changes in proptest::collection::hash_map(0u8..64, proptest::option::of(0u8..4), 0..30),
+        ) {
+            let rec = |k: u8, v: u8| {
+                let mut id = [0u8; 16];
+                id[0] = k;
+                IndexRecord::new(id, v % 2 == 1, &[v; 3], &[k; 5])
+            };
+            let mut records: Vec<IndexRecord> = have.iter().map(|&k| rec(k, 9)).collect();
+            let changed: Vec<([u8; 16], Option<IndexRecord>)> = changes
+                .iter()
+                .map(|(&k, v)| (rec(k, 0).id, v.map(|v| rec(k, v))))
+                .collect();
+            let mut expected = records.clone();
+            expected.retain(|r| !changes.contains_key(&r.id[0]));
+            expected.extend(changed.iter().filter_map(|(_, r)| r.clone()));
+            expected.sort_unstable_by_key(|r| r.id);
+            apply_changes(&mut records, changed);
+            proptest::prop_assert_eq!(records, expected);
+        }
+    }
 
     /// What the directories hold (the source of truth), beside what the holder lists.
     fn assert_follows(holder: &Store, what: &str) {
