@@ -589,29 +589,102 @@ fn add<K: std::hash::Hash + Eq>(m: &mut FxMap<K, Cands>, k: K, i: usize) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Claim {
     None,
-    One(usize),
+    /// One task, by index (a `u32`: the claims of 100,000 records stay small in cache).
+    One(u32),
     Many,
 }
 
 impl Claim {
     fn add(&mut self, ti: usize) {
-        *self = match *self {
-            Claim::None => Claim::One(ti),
+        *self = match (*self, u32::try_from(ti)) {
+            (Claim::None, Ok(ti)) => Claim::One(ti),
             _ => Claim::Many,
         };
     }
+
+    fn is_one(self, ti: usize) -> bool {
+        matches!(self, Claim::One(one) if usize::try_from(one) == Ok(ti))
+    }
+}
+
+/// For each task whose tag is an id (as text), the position of the record with that id, and
+/// of the corrupt id, if any (`usize::MAX` for none). Found by one merge of the tasks' ids in
+/// order with the records, not a search per task: tasks come in any order, and searching the
+/// records task by task touches them at random, a cache miss each at 100,000 records.
+fn tags_as_ids<R>(
+    tasks: &[&Task],
+    recs: &[(TransferId, R)],
+    corrupt: &[TransferId],
+) -> (Vec<usize>, Vec<usize>) {
+    let mut rec_of = vec![usize::MAX; tasks.len()];
+    let mut corrupt_of = vec![usize::MAX; tasks.len()];
+    let mut named: Vec<(TransferId, usize)> = tasks
+        .iter()
+        .enumerate()
+        .filter_map(|(ti, t)| Some((TransferId::parse_canonical(t.tag.as_deref()?)?, ti)))
+        .collect();
+    if named.len().saturating_mul(64) < recs.len() {
+        // A few tasks among many records: a search each is cheaper than a walk of them all.
+        for (id, ti) in named {
+            if let (Some(slot), Some(i)) = (rec_of.get_mut(ti), find_id(recs, id)) {
+                *slot = i;
+            }
+            if let (Some(slot), Ok(ci)) = (corrupt_of.get_mut(ti), corrupt.binary_search(&id)) {
+                *slot = ci;
+            }
+        }
+        return (rec_of, corrupt_of);
+    }
+    named.sort_unstable();
+    let (mut r, mut c) = (0, 0);
+    for (id, ti) in named {
+        while recs.get(r).is_some_and(|(rid, _)| *rid < id) {
+            r += 1;
+        }
+        if recs.get(r).is_some_and(|(rid, _)| *rid == id)
+            && let Some(slot) = rec_of.get_mut(ti)
+        {
+            *slot = r;
+        }
+        while corrupt.get(c).is_some_and(|cid| *cid < id) {
+            c += 1;
+        }
+        if corrupt.get(c) == Some(&id)
+            && let Some(slot) = corrupt_of.get_mut(ti)
+        {
+            *slot = c;
+        }
+    }
+    (rec_of, corrupt_of)
 }
 
 /// Small numbers for session names, so the planner's keys hash and compare as integers.
 #[derive(Default)]
 struct Interner<'a> {
     map: FxMap<&'a str, u32>,
+    /// The names by number: the first copy seen of each, which the plan's task references
+    /// are cloned from (one small string the planner keeps in cache, instead of each task's
+    /// own copy scattered through the caller's heap).
+    names: Vec<&'a str>,
 }
 
 impl<'a> Interner<'a> {
     fn id(&mut self, s: &'a str) -> u32 {
         let next = u32::try_from(self.map.len()).unwrap_or(u32::MAX);
-        *self.map.entry(s).or_insert(next)
+        let id = *self.map.entry(s).or_insert(next);
+        if id == next {
+            self.names.push(s);
+        }
+        id
+    }
+
+    /// The name numbered `id` (empty for a number never given out).
+    fn name(&self, id: u32) -> &'a str {
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.names.get(i))
+            .copied()
+            .unwrap_or("")
     }
 }
 
@@ -639,6 +712,11 @@ impl<'a> Names<'a> {
 /// why it is left over (if it is).
 struct Matching {
     record_task: Vec<Option<usize>>,
+    /// Per record: its task's tag is the record's id (as text), so the tag need not be read
+    /// again to be recorded.
+    record_named_by_id: Vec<bool>,
+    /// Per record: its task's numbers, copied while the tasks were read in order.
+    record_task_nums: Vec<TaskNums>,
     corrupt_task: Vec<Option<usize>>,
     leftover: Vec<Option<CancelReason>>,
 }
@@ -814,8 +892,8 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         sessions,
     } = inp;
     let n = recs.len();
-    // Records are in id order (see `inputs`).
-    let by_id = |id: TransferId| find_id(recs, id);
+    // Records and corrupt ids are in id order (see `inputs`).
+    let (rec_of_tag, corrupt_of_tag) = tags_as_ids(tasks, recs, corrupt);
     let mut by_tag: FxMap<(u32, &str), Cands> = FxMap::default();
     for (i, ((id, r), &s)) in recs.iter().zip(rec_session.iter()).enumerate() {
         // Tags other than the id itself (the id is found through `by_id`).
@@ -831,23 +909,24 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
     // The weaker evidence (binding, URL) is indexed only once a task needs it: tasks that
     // carry their record's tag never do.
     let mut weak: Option<Weak<'_>> = None;
-    let corrupt_ids: FxMap<TransferId, usize> =
-        corrupt.iter().enumerate().map(|(i, id)| (*id, i)).collect();
 
     let mut rec_claims = vec![Claim::None; n];
     let mut corrupt_claims = vec![Claim::None; corrupt.len()];
     let mut rec_ambiguous = vec![false; n];
     let mut leftover: Vec<Option<CancelReason>> = vec![None; tasks.len()];
     let mut proposal: Vec<Option<usize>> = vec![None; tasks.len()];
+    let mut named_by_id = vec![false; tasks.len()];
+    let mut record_task_nums = vec![TaskNums::default(); n];
     let mut cands: Vec<usize> = Vec::new();
     for (ti, (task, &s)) in tasks.iter().zip(task_session.iter()).enumerate() {
         cands.clear();
+        let mut id_hit = None;
         if let Some(tag) = task.tag.as_deref() {
-            let as_id = TransferId::parse_canonical(tag);
-            if let Some(i) = as_id.and_then(by_id)
+            if let Some(&i) = rec_of_tag.get(ti)
                 && rec_session.get(i) == Some(&s)
             {
                 cands.push(i);
+                id_hit = Some(i);
             }
             if !by_tag.is_empty()
                 && let Some(c) = by_tag.get(&(s, tag))
@@ -859,7 +938,8 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
                 }
             }
             if cands.is_empty()
-                && let Some(&ci) = as_id.and_then(|id| corrupt_ids.get(&id))
+                && let Some(&ci) = corrupt_of_tag.get(ti)
+                && ci != usize::MAX
             {
                 if let Some(c) = corrupt_claims.get_mut(ci) {
                     c.add(ti);
@@ -895,6 +975,12 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
                 if let Some(c) = rec_claims.get_mut(*one) {
                     c.add(ti);
                 }
+                if let Some(b) = named_by_id.get_mut(ti) {
+                    *b = id_hit == Some(*one);
+                }
+                if let Some(nums) = record_task_nums.get_mut(*one) {
+                    *nums = TaskNums::of(task, s);
+                }
                 (None, Some(*one))
             }
             many => {
@@ -911,12 +997,15 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         }
     }
     let mut record_task = vec![None; n];
+    let mut record_named_by_id = vec![false; n];
     for (ti, p) in proposal.iter().enumerate() {
         let Some(ri) = *p else { continue };
-        let sole = rec_claims.get(ri) == Some(&Claim::One(ti));
+        let sole = rec_claims.get(ri).is_some_and(|c| c.is_one(ti));
         if sole && rec_ambiguous.get(ri) == Some(&false) {
-            if let Some(slot) = record_task.get_mut(ri) {
+            if let (Some(slot), Some(b)) = (record_task.get_mut(ri), record_named_by_id.get_mut(ri))
+            {
                 *slot = Some(ti);
+                *b = named_by_id.get(ti) == Some(&true);
             }
         } else if let Some(l) = leftover.get_mut(ti) {
             *l = Some(CancelReason::Ambiguous);
@@ -927,17 +1016,14 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         match *c {
             Claim::One(ti) => {
                 if let Some(slot) = corrupt_task.get_mut(ci) {
-                    *slot = Some(ti);
+                    *slot = usize::try_from(ti).ok();
                 }
             }
             Claim::Many => {
-                for (ti, task) in tasks.iter().enumerate() {
-                    let points_here = task
-                        .tag
-                        .as_deref()
-                        .and_then(TransferId::parse_canonical)
-                        .is_some_and(|id| corrupt.get(ci) == Some(&id));
-                    if points_here && let Some(l) = leftover.get_mut(ti) {
+                for (ti, &points_at) in corrupt_of_tag.iter().enumerate() {
+                    if points_at == ci
+                        && let Some(l) = leftover.get_mut(ti)
+                    {
                         *l = Some(CancelReason::Ambiguous);
                     }
                 }
@@ -947,6 +1033,8 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
     }
     Matching {
         record_task,
+        record_named_by_id,
+        record_task_nums,
         corrupt_task,
         leftover,
     }
@@ -956,11 +1044,15 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
 /// id, its idempotency key, or the tag already bound), else the tag already bound. A tag that
 /// names nothing (empty, or shared by unrelated tasks) is never recorded: it would make the
 /// next reconcile match every record that recorded it.
-fn identifying_tag(t: &impl Planned, task: &Task) -> Option<String> {
-    let bound = t.binding().and_then(|(_, _, tag)| tag);
+fn identifying_tag(t: &impl Planned, task: Matched<'_>) -> Option<String> {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let own = own_text(t.id(), &mut buf);
-    match task.tag.as_deref() {
+    if task.named_by_id {
+        // Matching proved the tag is this text: the task's own copy is not read again.
+        return Some(own.to_owned());
+    }
+    let bound = t.binding().and_then(|(_, _, tag)| tag);
+    match task.task.tag.as_deref() {
         Some(tag) if tag == own || bound == Some(tag) || t.other_key() == Some(tag) => {
             Some(tag.to_owned())
         }
@@ -979,15 +1071,73 @@ fn past(deadline: Option<SystemTime>, now: SystemTime) -> bool {
     deadline.is_some_and(|d| now >= d)
 }
 
+/// The numbers of a task a record's action needs, copied out of the caller's tasks while they
+/// are read in order: records are decided in id order, which visits the tasks at random.
+#[derive(Debug, Clone, Copy)]
+struct TaskNums {
+    /// The session, by its number.
+    session: u32,
+    task_id: u64,
+    state: TaskState,
+    bytes_done: u64,
+    bytes_total: Option<u64>,
+}
+
+impl Default for TaskNums {
+    fn default() -> Self {
+        TaskNums {
+            session: 0,
+            task_id: 0,
+            state: TaskState::Running,
+            bytes_done: 0,
+            bytes_total: None,
+        }
+    }
+}
+
+impl TaskNums {
+    fn of(t: &Task, session: u32) -> Self {
+        TaskNums {
+            session,
+            task_id: t.task_id,
+            state: t.state,
+            bytes_done: t.bytes_done,
+            bytes_total: t.bytes_total,
+        }
+    }
+}
+
+/// A task matched to a record, as the planner hands it on.
+#[derive(Clone, Copy)]
+pub(crate) struct Matched<'a> {
+    /// The task (read only for a completed task's status and error).
+    task: &'a Task,
+    /// Its numbers.
+    nums: TaskNums,
+    /// Its session's name: the same text as the task's, from the planner's own copy.
+    session: &'a str,
+    /// Its tag is the record's id as text.
+    named_by_id: bool,
+}
+
+impl Matched<'_> {
+    fn key(&self) -> TaskRef {
+        TaskRef {
+            session: self.session.to_owned(),
+            task_id: self.nums.task_id,
+        }
+    }
+}
+
 /// The action for one record, given the task matched to it (if any).
 fn decide(
     t: &impl Planned,
-    task: Option<&Task>,
+    matched: Option<Matched<'_>>,
     now: SystemTime,
     opts: &ReconcileOptions,
 ) -> Action {
     let id = t.id();
-    let tref = task.map(Task::key);
+    let tref = matched.as_ref().map(Matched::key);
     match t.phase() {
         Phase::Cancelled => return Action::Purge { id, task: tref },
         Phase::Completed | Phase::Failed => {
@@ -1029,7 +1179,10 @@ fn decide(
         }
     };
     let pending_retry = t.next_attempt().filter(|t| *t > now);
-    if let Some(task) = task.filter(|k| k.state == TaskState::Completed) {
+    if let Some(task) = matched
+        .filter(|m| m.nums.state == TaskState::Completed)
+        .map(|m| m.task)
+    {
         let bound_to_it = t.binding().is_some_and(|(session, task_id, _)| {
             session == task.session && task_id == task.task_id
         });
@@ -1065,13 +1218,13 @@ fn decide(
     if past(t.deadline(), now) {
         return Action::Expire { id, task: tref };
     }
-    match (task, tref) {
-        (Some(task), Some(key)) if task.state != TaskState::Cancelling => Action::Adopt {
+    match (matched, tref) {
+        (Some(m), Some(key)) if m.nums.state != TaskState::Cancelling => Action::Adopt {
             id,
             task: key,
-            tag: identifying_tag(t, task),
-            bytes_done: task.bytes_done,
-            bytes_total: task.bytes_total,
+            tag: identifying_tag(t, m),
+            bytes_done: m.nums.bytes_done,
+            bytes_total: m.nums.bytes_total,
         },
         (_, tref) => no_task(None, t.failures(), pending_retry, tref),
     }
@@ -1142,7 +1295,7 @@ pub(crate) fn plan_reset_of<R: Planned>(
         PARALLEL_FROM,
         |r, task| Action::Purge {
             id: r.id(),
-            task: task.map(Task::key),
+            task: task.as_ref().map(Matched::key),
         },
     )
 }
@@ -1159,7 +1312,7 @@ fn plan_with<R: Planned>(
     records: &[&[R]],
     corrupt: &[TransferId],
     parallel_from: usize,
-    per_record: impl Fn(&R, Option<&Task>) -> Action + Sync,
+    per_record: impl Fn(&R, Option<Matched<'_>>) -> Action + Sync,
 ) -> Result<Plan> {
     let mut inp = inputs(sessions, tasks, records, corrupt)?;
     let m = match_tasks(&mut inp);
@@ -1176,10 +1329,19 @@ fn plan_with<R: Planned>(
         .collect();
     cancels
         .sort_unstable_by(|(a, _), (b, _)| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
+    let matched = |i: usize| {
+        let ti = m.record_task.get(i).copied().flatten()?;
+        Some(Matched {
+            task: inp.tasks.get(ti).copied()?,
+            nums: *m.record_task_nums.get(i)?,
+            session: inp.sessions.name(m.record_task_nums.get(i)?.session),
+            named_by_id: m.record_named_by_id.get(i) == Some(&true),
+        })
+    };
     let decide_range = |range: std::ops::Range<usize>, v: &mut Vec<Action>| {
         for i in range {
             if let Some((_, r)) = inp.recs.get(i) {
-                v.push(per_record(r, task_at(m.record_task.get(i))));
+                v.push(per_record(r, matched(i)));
             }
         }
     };
@@ -1484,6 +1646,59 @@ mod find_id_tests {
                     let probe = spread(random(), random());
                     assert_eq!(find_id(&recs, probe), ids.binary_search(&probe).ok());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn tags_as_ids_finds_each_tagged_tasks_record_and_corrupt_id_by_search_or_by_merge() {
+        let mut state = 0x0123_4567_89ab_cdef_u64;
+        let mut random = || {
+            state = splitmix(state);
+            state
+        };
+        // Few tasks among many records (a search each), and as many as records (one merge).
+        for (n_recs, n_tasks) in [(0usize, 3usize), (1000, 3), (1000, 900), (50, 200)] {
+            let mut ids: Vec<TransferId> = (0..n_recs + n_recs / 10)
+                .map(|_| {
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&random().to_be_bytes());
+                    b[8..].copy_from_slice(&random().to_be_bytes());
+                    TransferId::from_bytes(b)
+                })
+                .collect();
+            ids.sort();
+            // Every eleventh id is corrupt, the rest are records.
+            let corrupt: Vec<TransferId> = ids.iter().step_by(11).copied().collect();
+            let recs: Vec<(TransferId, ())> = ids
+                .iter()
+                .filter(|id| !corrupt.contains(id))
+                .map(|id| (*id, ()))
+                .collect();
+            let tasks: Vec<Task> = (0..n_tasks)
+                .map(|k| {
+                    let t = Task::running("s", k as u64, "https://h/x");
+                    match random() % 4 {
+                        0 => t,
+                        1 => t.tag("not an id"),
+                        2 => t.tag(TransferId::from_bytes([7; 16]).to_string()),
+                        _ if ids.is_empty() => t,
+                        _ => t.tag(ids[random() as usize % ids.len()].to_string()),
+                    }
+                })
+                .collect();
+            let refs: Vec<&Task> = tasks.iter().collect();
+            let (rec_of, corrupt_of) = tags_as_ids(&refs, &recs, &corrupt);
+            for (ti, t) in tasks.iter().enumerate() {
+                let id = t.tag.as_deref().and_then(TransferId::parse_canonical);
+                let want_rec = id.and_then(|id| recs.iter().position(|(r, _)| *r == id));
+                let want_corrupt = id.and_then(|id| corrupt.iter().position(|c| *c == id));
+                assert_eq!(rec_of[ti], want_rec.unwrap_or(usize::MAX), "task {ti}");
+                assert_eq!(
+                    corrupt_of[ti],
+                    want_corrupt.unwrap_or(usize::MAX),
+                    "task {ti}"
+                );
             }
         }
     }
