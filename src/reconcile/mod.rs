@@ -607,6 +607,52 @@ impl Claim {
     }
 }
 
+/// `named` in id order. Ids are random, so their top bits spread them evenly: a counting sort
+/// on those bits orders them but for the few that share a bucket, which a sort of each bucket
+/// finishes (cheaper than a comparison sort of them all; ids that do not spread, as in tests,
+/// only make the buckets' sorts longer).
+fn in_id_order(named: Vec<(TransferId, usize)>) -> Vec<(TransferId, usize)> {
+    let bits = named.len().max(2).ilog2().min(20);
+    let bucket = |id: &TransferId| {
+        let top = id
+            .as_bytes()
+            .first_chunk::<8>()
+            .map_or(0, |b| u64::from_be_bytes(*b));
+        usize::try_from(top >> (64 - bits)).unwrap_or(0)
+    };
+    // Where each bucket starts.
+    let mut starts = vec![0usize; (1 << bits) + 1];
+    for (id, _) in &named {
+        if let Some(c) = starts.get_mut(bucket(id) + 1) {
+            *c += 1;
+        }
+    }
+    let mut sum = 0;
+    for c in &mut starts {
+        sum += *c;
+        *c = sum;
+    }
+    let mut out = vec![(TransferId::from_bytes([0; 16]), 0usize); named.len()];
+    let mut next = starts.clone();
+    for p in named {
+        if let Some(at) = next.get_mut(bucket(&p.0)) {
+            if let Some(slot) = out.get_mut(*at) {
+                *slot = p;
+            }
+            *at += 1;
+        }
+    }
+    for w in starts.windows(2) {
+        if let (Some(&a), Some(&b)) = (w.first(), w.get(1))
+            && b > a + 1
+            && let Some(part) = out.get_mut(a..b)
+        {
+            part.sort_unstable();
+        }
+    }
+    out
+}
+
 /// For each task whose tag is an id (as text), the position of the record with that id, and
 /// of the corrupt id, if any (`usize::MAX` for none). Found by one merge of the tasks' ids in
 /// order with the records, not a search per task: tasks come in any order, and searching the
@@ -618,7 +664,7 @@ fn tags_as_ids<R>(
 ) -> (Vec<usize>, Vec<usize>) {
     let mut rec_of = vec![usize::MAX; tasks.len()];
     let mut corrupt_of = vec![usize::MAX; tasks.len()];
-    let mut named: Vec<(TransferId, usize)> = tasks
+    let named: Vec<(TransferId, usize)> = tasks
         .iter()
         .enumerate()
         .filter_map(|(ti, t)| Some((TransferId::parse_canonical(t.tag.as_deref()?)?, ti)))
@@ -635,7 +681,7 @@ fn tags_as_ids<R>(
         }
         return (rec_of, corrupt_of);
     }
-    named.sort_unstable();
+    let named = in_id_order(named);
     let (mut r, mut c) = (0, 0);
     for (id, ti) in named {
         while recs.get(r).is_some_and(|(rid, _)| *rid < id) {
@@ -1646,6 +1692,35 @@ mod find_id_tests {
                     let probe = spread(random(), random());
                     assert_eq!(find_id(&recs, probe), ids.binary_search(&probe).ok());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn in_id_order_sorts_ids_however_they_spread() {
+        let mut state = 0x5555_0000_aaaa_ffff_u64;
+        let mut random = || {
+            state = splitmix(state);
+            state
+        };
+        for n in [0usize, 1, 2, 3, 17, 1000] {
+            for spread in 0..3 {
+                let named: Vec<(TransferId, usize)> = (0..n)
+                    .map(|k| {
+                        let mut b = [0u8; 16];
+                        let hi = match spread {
+                            0 => random(),
+                            1 => 0x1234,
+                            _ => random() % 3,
+                        };
+                        b[..8].copy_from_slice(&hi.to_be_bytes());
+                        b[8..].copy_from_slice(&(random() % 50).to_be_bytes());
+                        (TransferId::from_bytes(b), k)
+                    })
+                    .collect();
+                let mut want = named.clone();
+                want.sort_unstable();
+                assert_eq!(in_id_order(named), want, "n {n}, spread {spread}");
             }
         }
     }
