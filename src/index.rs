@@ -761,6 +761,17 @@ impl Index {
         let mut meta = self.meta()?.filter(|m| {
             m.generation == generation && (JOURNAL_HEADER_LEN as u64..=end).contains(&m.consumed)
         });
+        if let Some(m) = &meta
+            && mode == Sync::Refresh
+            && end.saturating_sub(m.consumed) < CHECKPOINT_BYTES
+        {
+            // Too short a tail to be written into the index yet: it is read (and checked)
+            // when records are, not at every open and close.
+            return Ok(Some(Listing {
+                records: None,
+                unknown: m.unknown.clone(),
+            }));
+        }
         let tail = match &meta {
             Some(m) => journal
                 .read_from(m.consumed, end)
