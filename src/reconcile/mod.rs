@@ -1658,21 +1658,27 @@ mod find_id_tests {
 
     use super::*;
 
+    /// A stream of numbers drawn from `seed`.
+    fn seeded(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state = splitmix(state);
+            state
+        }
+    }
+
+    /// The id whose high and low halves are `hi` and `lo`.
+    fn from(hi: u64, lo: u64) -> TransferId {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&hi.to_be_bytes());
+        b[8..].copy_from_slice(&lo.to_be_bytes());
+        TransferId::from_bytes(b)
+    }
+
     /// Ids spread evenly or not at all (one prefix, the two ends, counted up from zero): every
     /// present id is found where it is, and no absent id is found.
     #[test]
     fn find_id_finds_exactly_the_ids_present_however_they_spread() {
-        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut random = || {
-            state = splitmix(state);
-            state
-        };
-        let from = |hi: u64, lo: u64| {
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&hi.to_be_bytes());
-            b[8..].copy_from_slice(&lo.to_be_bytes());
-            TransferId::from_bytes(b)
-        };
+        let mut random = seeded(0x9e37_79b9_7f4a_7c15);
         let spreads: Vec<Box<dyn Fn(u64, u64) -> TransferId>> = vec![
             Box::new(from),
             Box::new(|_, b| from(0x1234, b)),
@@ -1698,24 +1704,17 @@ mod find_id_tests {
 
     #[test]
     fn in_id_order_sorts_ids_however_they_spread() {
-        let mut state = 0x5555_0000_aaaa_ffff_u64;
-        let mut random = || {
-            state = splitmix(state);
-            state
-        };
+        let mut random = seeded(0x5555_0000_aaaa_ffff);
         for n in [0usize, 1, 2, 3, 17, 1000] {
             for spread in 0..3 {
                 let named: Vec<(TransferId, usize)> = (0..n)
                     .map(|k| {
-                        let mut b = [0u8; 16];
                         let hi = match spread {
                             0 => random(),
                             1 => 0x1234,
                             _ => random() % 3,
                         };
-                        b[..8].copy_from_slice(&hi.to_be_bytes());
-                        b[8..].copy_from_slice(&(random() % 50).to_be_bytes());
-                        (TransferId::from_bytes(b), k)
+                        (from(hi, random() % 50), k)
                     })
                     .collect();
                 let mut want = named.clone();
@@ -1727,20 +1726,11 @@ mod find_id_tests {
 
     #[test]
     fn tags_as_ids_finds_each_tagged_tasks_record_and_corrupt_id_by_search_or_by_merge() {
-        let mut state = 0x0123_4567_89ab_cdef_u64;
-        let mut random = || {
-            state = splitmix(state);
-            state
-        };
+        let mut random = seeded(0x0123_4567_89ab_cdef);
         // Few tasks among many records (a search each), and as many as records (one merge).
         for (n_recs, n_tasks) in [(0usize, 3usize), (1000, 3), (1000, 900), (50, 200)] {
             let mut ids: Vec<TransferId> = (0..n_recs + n_recs / 10)
-                .map(|_| {
-                    let mut b = [0u8; 16];
-                    b[..8].copy_from_slice(&random().to_be_bytes());
-                    b[8..].copy_from_slice(&random().to_be_bytes());
-                    TransferId::from_bytes(b)
-                })
+                .map(|_| from(random(), random()))
                 .collect();
             ids.sort();
             // Every eleventh id is corrupt, the rest are records.
