@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::format::index::{
-    self as fmt, Boot, EntryBody, Frame, IndexMeta, IndexRecord, JOURNAL_HEADER_LEN, JournalHeader,
+    self as fmt, Boot, EntryBody, Frame, Holds, IndexMeta, IndexRecord, JOURNAL_HEADER_LEN,
+    JournalHeader,
 };
 use crate::format::state as state_fmt;
 use crate::store::{MANIFEST, RESUME, STAGING, STATE, TRANSFERS};
@@ -35,6 +36,8 @@ pub(crate) const JOURNAL_FILE: &str = "journal";
 pub(crate) const INDEX_FILE: &str = "index.redb";
 
 const CHUNKS: TableDefinition<u16, &[u8]> = TableDefinition::new("chunks");
+/// The same chunks' facts alone: what planning reads.
+const FACTS: TableDefinition<u16, &[u8]> = TableDefinition::new("facts");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_KEY: &str = "meta";
 
@@ -531,6 +534,9 @@ fn ident(path: &Path) -> Option<(u64, u64)> {
 pub(crate) struct Listing {
     pub(crate) records: Option<Vec<IndexRecord>>,
     pub(crate) unknown: Vec<String>,
+    /// With [`Sync::Facts`], when some records hold less than their whole files: where the
+    /// rest is read.
+    pub(crate) wholes: Option<Wholes>,
 }
 
 /// What [`Index::sync`] is for. Either way the index is rebuilt when it does not follow the
@@ -539,6 +545,10 @@ pub(crate) struct Listing {
 pub(crate) enum Sync {
     /// Return every record.
     List,
+    /// Return every record, read from the facts table where that is up to date (the records
+    /// then hold their facts, and their state when the journal changed them since): what
+    /// planning reads. The rest of each is read on demand from [`Listing::wholes`].
+    Facts,
     /// Return no records (open, release, close).
     Refresh,
 }
@@ -604,14 +614,14 @@ impl Index {
         Ok(t.get(META_KEY)?.and_then(|v| fmt::decode_meta(v.value())))
     }
 
-    /// The records of the chunks in `only` (all chunks when `None`), in id order; `None` when
-    /// a chunk is not one this build wrote.
+    /// The records of the chunks in `only` (all chunks when `None`) of the whole records'
+    /// table, or the facts table, in id order; `None` when a chunk is not one this build wrote.
     fn read_chunks(
-        &self,
+        tx: &redb::ReadTransaction,
+        parts: Holds,
         only: Option<&BTreeSet<u16>>,
     ) -> std::result::Result<Option<Vec<IndexRecord>>, redb::Error> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(CHUNKS)?;
+        let t = tx.open_table(if parts == Holds::Facts { FACTS } else { CHUNKS })?;
         // The chunks are read into one buffer (which the records then share), so that once
         // the records are dropped their bytes go back to the system in one piece rather than
         // as a thousand holes in the heap.
@@ -637,28 +647,7 @@ impl Index {
                 }
             }
         }
-        let buf = std::sync::Arc::new(bytes);
-        let total = spans
-            .iter()
-            .map(|(_, r)| buf.get(r.clone()).map_or(0, fmt::chunk_len))
-            .sum::<usize>();
-        // A record takes at least its header: a damaged count cannot reserve more than the
-        // bytes could hold.
-        let mut out = Vec::with_capacity(total.min(buf.len() / fmt::RECORD_HEADER_LEN));
-        for (k, r) in spans {
-            let from = out.len();
-            if fmt::decode_chunk_into(&buf, r, &mut out).is_err() {
-                return Ok(None);
-            }
-            // Each chunk holds its own ids, sorted: anything else is not an index we wrote.
-            let added = out.get(from..).unwrap_or_default();
-            let ok = added.is_sorted_by(|a, b| a.id < b.id)
-                && added.iter().all(|r| fmt::chunk_of(&r.id) == k);
-            if !ok {
-                return Ok(None);
-            }
-        }
-        Ok(Some(out))
+        Ok(decode_chunks(bytes, spans, parts))
     }
 
     /// Writes the chunks named in `dirty` from `records` (sorted by id), and the meta.
@@ -673,8 +662,10 @@ impl Index {
         tx.set_quick_repair(true);
         {
             let mut t = tx.open_table(CHUNKS)?;
+            let mut f = tx.open_table(FACTS)?;
             if dirty.is_none() {
                 t.retain(|_, _| false)?;
+                f.retain(|_, _| false)?;
             }
             let mut at = 0;
             while at < records.len() {
@@ -688,7 +679,8 @@ impl Index {
                     .count();
                 if dirty.is_none_or(|d| d.contains(&c)) {
                     let part = records.get(at..at + n).unwrap_or_default();
-                    t.insert(c, fmt::encode_chunk(part).as_slice())?;
+                    t.insert(c, fmt::encode_chunk(part, Holds::Whole).as_slice())?;
+                    f.insert(c, fmt::encode_chunk(part, Holds::Facts).as_slice())?;
                 }
                 at += n;
             }
@@ -700,6 +692,7 @@ impl Index {
                         .is_ok();
                     if !present {
                         t.remove(*c)?;
+                        f.remove(*c)?;
                     }
                 }
             }
@@ -770,6 +763,7 @@ impl Index {
             return Ok(Some(Listing {
                 records: None,
                 unknown: m.unknown.clone(),
+                wholes: None,
             }));
         }
         let tail = match &meta {
@@ -790,14 +784,23 @@ impl Index {
             return Ok(Some(Listing {
                 records: None,
                 unknown: m.unknown.clone(),
+                wholes: None,
             }));
         }
         let mut dirty: BTreeSet<u16> = last.keys().map(fmt::chunk_of).collect();
+        // Facts alone suffice unless the changes are to be written into the index now (which
+        // takes whole records).
+        let facts_only = mode == Sync::Facts && !long;
+        let tx = self.db.begin_read()?;
         let loaded = match (&meta, mode) {
-            (Some(_), Sync::List) => self.read_chunks(None)?,
-            (Some(_), Sync::Refresh) => self.read_chunks(Some(&dirty))?,
+            (Some(_), Sync::Facts) if facts_only => Index::read_chunks(&tx, Holds::Facts, None)?,
+            (Some(_), Sync::List | Sync::Facts) => Index::read_chunks(&tx, Holds::Whole, None)?,
+            (Some(_), Sync::Refresh) => Index::read_chunks(&tx, Holds::Whole, Some(&dirty))?,
             (None, _) => None,
         };
+        // Kept for reading whole records from the same snapshot; otherwise let go before
+        // writing.
+        let tx = facts_only.then_some(tx);
         let (mut records, rebuilt) = match (meta.as_ref(), loaded) {
             (Some(_), Some(r)) => (r, false),
             _ => {
@@ -845,12 +848,18 @@ impl Index {
                     (Some(manifest), _) => {
                         Some(IndexRecord::new(id, body.resume, &body.state, &manifest))
                     }
-                    (None, Some(old)) => Some(IndexRecord::new(
+                    (None, Some(old)) if old.holds() == Holds::Whole => Some(IndexRecord::new(
                         id,
                         body.resume,
                         &body.state,
                         old.manifest(),
                     )),
+                    // Read from the facts table: the manifest's facts are kept (a manifest
+                    // never changes), the state's derived anew.
+                    (None, Some(old)) => match old.with_state(body.resume, &body.state) {
+                        Some(r) => Some(r),
+                        None => reread(root, tid)?.record,
+                    },
                     (None, None) => reread(root, tid)?.record,
                 },
                 Last::Intent(at) => {
@@ -874,9 +883,11 @@ impl Index {
         if write && consumed == end && end > COMPACT_BYTES {
             self.compact(journal, end, &mut meta)?;
         }
+        let wholes = tx.filter(|_| !rebuilt).map(|tx| Wholes::new(tx, root));
         Ok(Some(Listing {
-            records: (mode == Sync::List).then_some(records),
+            records: (mode != Sync::Refresh).then_some(records),
             unknown: meta.unknown,
+            wholes,
         }))
     }
 
@@ -954,6 +965,116 @@ fn apply_changes(
         }
     }
     records.extend(moved.filter_map(|(_, new)| new));
+}
+
+/// Decodes the chunks at `spans` of `bytes` (keyed by chunk), written with `parts`, into one
+/// list in id order; `None` when a chunk is not one this build wrote.
+fn decode_chunks(
+    bytes: Vec<u8>,
+    spans: Vec<(u16, std::ops::Range<usize>)>,
+    parts: Holds,
+) -> Option<Vec<IndexRecord>> {
+    let buf = std::sync::Arc::new(bytes);
+    let total = spans
+        .iter()
+        .map(|(_, r)| buf.get(r.clone()).map_or(0, fmt::chunk_len))
+        .sum::<usize>();
+    // A record takes at least its header: a damaged count cannot reserve more than the bytes
+    // could hold.
+    let mut out = Vec::with_capacity(total.min(buf.len() / fmt::FACTS_HEADER_LEN));
+    for (k, r) in spans {
+        let from = out.len();
+        fmt::decode_chunk_into(&buf, r, parts, &mut out).ok()?;
+        // Each chunk holds its own ids, sorted: anything else is not an index we wrote.
+        let added = out.get(from..).unwrap_or_default();
+        let ok = added.is_sorted_by(|a, b| a.id < b.id)
+            && added.iter().all(|r| fmt::chunk_of(&r.id) == k);
+        if !ok {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// The whole records of a listing read from the facts table, read on demand (a chunk at a time,
+/// from the snapshot the facts came from) for the few records whose files planning decodes.
+/// A record the whole table lacks, or a damaged chunk, is read from its directory instead,
+/// and the index is marked [damaged](Wholes::damaged).
+pub(crate) struct Wholes {
+    tx: redb::ReadTransaction,
+    root: PathBuf,
+    chunks: Mutex<HashMap<u16, Option<Vec<IndexRecord>>>>,
+    damaged: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Wholes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wholes").field("root", &self.root).finish()
+    }
+}
+
+impl Wholes {
+    fn new(tx: redb::ReadTransaction, root: &Path) -> Wholes {
+        Wholes {
+            tx,
+            root: root.to_path_buf(),
+            chunks: Mutex::new(HashMap::new()),
+            damaged: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The chunk `c` of the whole records' table; `None` when it cannot be read.
+    fn chunk(&self, c: u16) -> Option<Vec<IndexRecord>> {
+        let read = || -> std::result::Result<Option<Vec<IndexRecord>>, redb::Error> {
+            let t = self.tx.open_table(CHUNKS)?;
+            let Some(v) = t.get(c)? else {
+                return Ok(None);
+            };
+            let bytes = v.value().to_vec();
+            let span = 0..bytes.len();
+            Ok(decode_chunks(bytes, vec![(c, span)], Holds::Whole))
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten()
+    }
+
+    /// The whole record of `id` (a record the listing holds); `None` when it is in neither the
+    /// index nor its directory.
+    pub(crate) fn get(&self, id: [u8; 16]) -> Option<IndexRecord> {
+        let c = fmt::chunk_of(&id);
+        let found = {
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            let chunk = chunks.entry(c).or_insert_with(|| self.chunk(c));
+            chunk.as_ref().and_then(|records| {
+                records
+                    .binary_search_by(|r| r.id.cmp(&id))
+                    .ok()
+                    .and_then(|i| records.get(i).cloned())
+            })
+        };
+        if found.is_some() {
+            return found;
+        }
+        // The facts table named it: the whole table must hold it too.
+        self.damaged
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let id = TransferId::from_bytes(id);
+        tracing::warn!(%id, "index lacks a whole record its facts name; reading its directory");
+        match reread(&self.root, id) {
+            Ok(r) => r.record,
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "reading a transfer's directory");
+                None
+            }
+        }
+    }
+
+    /// Whether a whole record was missing or damaged: the index is then to be rebuilt.
+    pub(crate) fn damaged(&self) -> bool {
+        self.damaged.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Parses the journal tail starting at file offset `base`: the last frame per transfer, and
@@ -1209,11 +1330,12 @@ mod tests {
         let _ = (waiting, partial, resumable, failed, cancelled);
     }
 
-    /// An index written by the previous release (index version 1: no facts, no checksum),
-    /// following this boot's journal, is rebuilt rather than read: the fixture store lists and
-    /// plans exactly as its directories say, and the index is then version 2.
+    /// An index written by an earlier release (index version 1: no facts, no checksum; version
+    /// 2: no facts table), following this boot's journal, is rebuilt rather than read: the
+    /// fixture store lists and plans exactly as its directories say, and the index is then of
+    /// the current version.
     #[test]
-    fn an_index_of_version_1_is_rebuilt_not_misread() {
+    fn an_index_of_an_earlier_version_is_rebuilt_not_misread() {
         fn copy_tree(from: &Path, to: &Path) {
             std::fs::create_dir_all(to).unwrap();
             for e in std::fs::read_dir(from).unwrap() {
@@ -1225,54 +1347,143 @@ mod tests {
                 }
             }
         }
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
-        let d = tempfile::tempdir().unwrap();
-        let root = d.path().join("store");
-        copy_tree(&fixtures.join("store"), &root);
-        // A journal of this boot, then the old index made to follow it.
-        drop(Store::builder().index(false).open(&root).unwrap());
-        let generation = Journal::open(&root, false, Duration::from_secs(1))
-            .unwrap()
-            .unwrap()
-            .generation()
+        assert_eq!(fmt::INDEX_VERSION, 3);
+        for old in [1u32, 2] {
+            let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2");
+            let d = tempfile::tempdir().unwrap();
+            let root = d.path().join("store");
+            copy_tree(&fixtures.join("store"), &root);
+            // A journal of this boot, then the old index made to follow it.
+            drop(Store::builder().index(false).open(&root).unwrap());
+            let generation = Journal::open(&root, false, Duration::from_secs(1))
+                .unwrap()
+                .unwrap()
+                .generation()
+                .unwrap();
+            std::fs::copy(
+                fixtures.join(format!("index-v{old}.redb")),
+                root.join(INDEX_FILE),
+            )
             .unwrap();
-        std::fs::copy(fixtures.join("index-v1.redb"), root.join(INDEX_FILE)).unwrap();
-        {
-            let db = redb::Database::open(root.join(INDEX_FILE)).unwrap();
-            let tx = db.begin_write().unwrap();
             {
-                let mut t = tx.open_table(META).unwrap();
-                let old = t.get(META_KEY).unwrap().unwrap().value().to_vec();
-                assert_eq!(
-                    old[..4],
-                    1u32.to_le_bytes(),
-                    "the fixture is index version 1"
-                );
-                let mut m: IndexMeta = crate::format::decode_exact(&old[4..]).unwrap();
-                m.generation = generation;
-                m.consumed = JOURNAL_HEADER_LEN as u64;
-                let mut new = 1u32.to_le_bytes().to_vec();
-                new.extend(postcard::to_allocvec(&m).unwrap());
-                t.insert(META_KEY, new.as_slice()).unwrap();
+                let db = redb::Database::open(root.join(INDEX_FILE)).unwrap();
+                let tx = db.begin_write().unwrap();
+                {
+                    let mut t = tx.open_table(META).unwrap();
+                    let was = t.get(META_KEY).unwrap().unwrap().value().to_vec();
+                    assert_eq!(
+                        was[..4],
+                        old.to_le_bytes(),
+                        "the fixture is index version {old}"
+                    );
+                    let mut m: IndexMeta = crate::format::decode_exact(&was[4..]).unwrap();
+                    m.generation = generation;
+                    m.consumed = JOURNAL_HEADER_LEN as u64;
+                    let mut new = old.to_le_bytes().to_vec();
+                    new.extend(postcard::to_allocvec(&m).unwrap());
+                    t.insert(META_KEY, new.as_slice()).unwrap();
+                }
+                tx.commit().unwrap();
             }
+            let holder = Store::open(&root).unwrap();
+            assert_eq!(holder.list(&Filter::all()).unwrap().len(), 4);
+            assert_follows(&holder, &format!("an index of version {old}"));
+            drop(holder);
+            let db = redb::Database::open(root.join(INDEX_FILE)).unwrap();
+            let tx = db.begin_read().unwrap();
+            let meta = tx
+                .open_table(META)
+                .unwrap()
+                .get(META_KEY)
+                .unwrap()
+                .unwrap()
+                .value()
+                .to_vec();
+            assert_eq!(meta[..4], fmt::INDEX_VERSION.to_le_bytes());
+        }
+    }
+
+    /// The parts the records planning reads hold: `(facts only, facts and state, whole)`.
+    fn holds(s: &Store) -> (usize, usize, usize) {
+        let (records, wholes) = s.index_facts().unwrap();
+        let n = |h: Holds| records.iter().filter(|r| r.holds() == h).count();
+        let counts = (n(Holds::Facts), n(Holds::State), n(Holds::Whole));
+        assert_eq!(wholes.is_some(), counts.0 + counts.1 > 0);
+        counts
+    }
+
+    /// Planning reads the facts table; the request of a `recreate`/`resume` and the outcome of
+    /// a `deliver` are read from the whole records' table, or (when a change since the index
+    /// was written is in the journal) from the state the journal holds. The plans equal the
+    /// plans from whole records throughout; a whole-records table that lacks records is read
+    /// around (their directories) and the index then deleted, to be rebuilt.
+    #[test]
+    fn planning_reads_the_facts_table_and_the_rest_on_demand() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let ids: Vec<TransferId> = (0..40)
+            .map(|i| {
+                let t = if i % 3 == 0 {
+                    NewTransfer::upload(format!("https://x/u{i}"), UploadSource::Bytes(vec![1; 5]))
+                } else {
+                    NewTransfer::download(format!("https://x/d{i}"))
+                };
+                s.create(t).unwrap()
+            })
+            .collect();
+        for (k, &id) in ids.iter().enumerate() {
+            match k % 5 {
+                0 => drop(s.complete(id, Some(200)).unwrap()),
+                1 => drop(s.fail(id, ErrorClass::Transient, "reset").unwrap()),
+                2 => s
+                    .replace_request(id, crate::Request::new("PUT", format!("https://y/{k}")))
+                    .unwrap(),
+                _ => {}
+            }
+        }
+        drop(s);
+        // Written into the index whole (a rebuild), then read back as facts.
+        std::fs::remove_file(d.path().join(INDEX_FILE)).unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(holds(&s), (40, 0, 0));
+        let truth = s.scan().unwrap().transfers;
+        assert_plans_match(&s, &truth, "facts table");
+
+        // Changes since (fewer than a checkpoint's worth): a state the journal holds, or a
+        // new transfer whole.
+        drop(s.complete(ids[3], Some(201)).unwrap());
+        drop(s.fail(ids[4], ErrorClass::Permanent, "gone").unwrap());
+        s.replace_request(ids[8], crate::Request::new("PUT", "https://z/8"))
+            .unwrap();
+        drop(s.cancel(ids[9]).unwrap());
+        s.create(NewTransfer::download("https://x/new")).unwrap();
+        let (facts, state, whole) = holds(&s);
+        assert_eq!((facts, state, whole), (36, 4, 1));
+        let truth = s.scan().unwrap().transfers;
+        assert_plans_match(&s, &truth, "facts table and journal");
+
+        // The whole records' table loses its chunks; the facts table keeps them.
+        drop(s);
+        {
+            let db = redb::Database::open(d.path().join(INDEX_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(CHUNKS).unwrap().retain(|_, _| false).unwrap();
             tx.commit().unwrap();
         }
-        let holder = Store::open(&root).unwrap();
-        assert_eq!(holder.list(&Filter::all()).unwrap().len(), 4);
-        assert_follows(&holder, "an index of version 1");
-        drop(holder);
-        let db = redb::Database::open(root.join(INDEX_FILE)).unwrap();
-        let tx = db.begin_read().unwrap();
-        let meta = tx
-            .open_table(META)
-            .unwrap()
-            .get(META_KEY)
-            .unwrap()
-            .unwrap()
-            .value()
-            .to_vec();
-        assert_eq!(meta[..4], fmt::INDEX_VERSION.to_le_bytes());
-        assert_eq!(fmt::INDEX_VERSION, 2);
+        let s = Store::open(d.path()).unwrap();
+        let (records, corrupt) = whole_records(&s);
+        let now = crate::format::from_ms(1_900_000_000_000);
+        let opts = crate::ReconcileOptions::default();
+        let want =
+            crate::reconcile::plan(&crate::Sessions::All, &[], &records, &corrupt, now, &opts);
+        let got = s.reconcile_with(&crate::Sessions::All, &[], now, &opts);
+        assert_eq!(got.unwrap(), want.unwrap());
+        assert!(
+            !d.path().join(INDEX_FILE).exists(),
+            "a lacking index is deleted"
+        );
+        assert_follows(&s, "rebuilt after lacking whole records");
+        assert_eq!(holds(&s), (s.scan().unwrap().transfers.len(), 0, 0));
     }
 
     /// The records as the directories hold them, whole, and the corrupt ids.

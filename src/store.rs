@@ -2470,6 +2470,23 @@ impl Store {
             .and_then(|l| l.records)
     }
 
+    /// Every record the index holds, in id order, as planning reads them (see
+    /// [`crate::index::Sync::Facts`]), while this handle holds the index.
+    pub(crate) fn index_facts(&self) -> Option<(Vec<IndexRecord>, Option<crate::index::Wholes>)> {
+        let l = self.index_sync(crate::index::Sync::Facts)?;
+        Some((l.records?, l.wholes))
+    }
+
+    /// Deletes the index (to be rebuilt) when reading whole records on demand found it
+    /// lacking.
+    pub(crate) fn after_wholes(&self, wholes: Option<&crate::index::Wholes>) {
+        if wholes.is_some_and(crate::index::Wholes::damaged) {
+            tracing::error!("index lacks whole records its facts name; deleting it to rebuild");
+            *lock(&self.held) = None;
+            let _ = std::fs::remove_file(self.core.root.join(crate::index::INDEX_FILE));
+        }
+    }
+
     /// Decodes the index's records as [`Store::scan`] would read the directories.
     fn decode_indexed(&self, records: &[IndexRecord]) -> Gathered {
         let part = |part: &[IndexRecord]| {
@@ -2508,9 +2525,10 @@ impl Store {
     pub(crate) fn plan_view<'a>(
         &self,
         records: &'a [IndexRecord],
+        wholes: Option<&'a crate::index::Wholes>,
     ) -> Option<(PlanView<'a>, Vec<TransferId>)> {
         // The halves stay apart (the planner reads both, in order): no copy joins them.
-        let (first, second) = in_halves(records, view_part);
+        let (first, second) = in_halves(records, |part| view_part(part, wholes));
         let viewed = first.and_then(|(a, mut bad)| {
             let (b, bad_b) = match second {
                 Some(s) => s?,
@@ -2909,11 +2927,35 @@ pub(crate) struct IndexedRecord<'a> {
     facts: crate::format::index::Facts<'a>,
     phase: Phase,
     record: &'a IndexRecord,
+    /// Where the rest of a record that holds less than its whole files is read.
+    wholes: Option<&'a crate::index::Wholes>,
 }
 
 impl IndexedRecord<'_> {
+    /// The whole record, when this one holds less (`None` when it cannot be had: gone from
+    /// the index and from its directory).
+    fn whole(&self) -> Option<IndexRecord> {
+        self.wholes.and_then(|w| w.get(self.record.id))
+    }
+
+    /// The newest state: the record's own, unless it holds its facts only.
     fn state(&self) -> State {
-        crate::format::index::indexed_state(self.record.state())
+        use crate::format::index::{Holds, indexed_state};
+        match self.record.holds() {
+            Holds::Whole | Holds::State => indexed_state(self.record.state()),
+            Holds::Facts => indexed_state(self.whole().as_ref().map_or(&[], |w| w.state())),
+        }
+    }
+
+    /// The manifest's bytes (empty when they cannot be had).
+    fn manifest(&self) -> Vec<u8> {
+        match self.record.holds() {
+            crate::format::index::Holds::Whole => self.record.manifest().to_vec(),
+            _ => self
+                .whole()
+                .map(|w| w.manifest().to_vec())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -2966,20 +3008,20 @@ impl crate::reconcile::Planned for IndexedRecord<'_> {
         self.record.resume
     }
     fn url(&self) -> &str {
-        self.facts.url
+        self.facts.replaced_url.unwrap_or(self.facts.url)
     }
     fn request(&self) -> crate::transfer::Request {
         if let Some(r) = self.state().current_request {
             return r;
         }
-        match manifest::decode_ref(Path::new(""), self.record.manifest()) {
+        match manifest::decode_ref(Path::new(""), &self.manifest()) {
             Ok(m) => m.request(),
             Err(e) => {
                 // The facts were derived from these very bytes (the chunk's checksum holds):
                 // only a bug gets here. The URL the facts hold is the best left.
                 tracing::error!(id = %self.id, error = %e, "indexed manifest no longer decodes");
                 let method = if self.facts.download { "GET" } else { "PUT" };
-                crate::transfer::Request::new(method, self.facts.url)
+                crate::transfer::Request::new(method, self.url())
             }
         }
     }
@@ -3016,7 +3058,10 @@ fn in_halves<'a, O: Send>(
 
 /// The planner's view of some of the index's records, and the ids of the corrupt ones (whose
 /// facts say their manifest failed its checks); `None` when some facts do not decode.
-fn view_part(records: &[IndexRecord]) -> Option<(Vec<IndexedRecord<'_>>, Vec<TransferId>)> {
+fn view_part<'a>(
+    records: &'a [IndexRecord],
+    wholes: Option<&'a crate::index::Wholes>,
+) -> Option<(Vec<IndexedRecord<'a>>, Vec<TransferId>)> {
     let mut out = (Vec::with_capacity(records.len()), Vec::new());
     for r in records {
         let id = TransferId::from_bytes(r.id);
@@ -3031,6 +3076,7 @@ fn view_part(records: &[IndexRecord]) -> Option<(Vec<IndexedRecord<'_>>, Vec<Tra
             facts,
             phase,
             record: r,
+            wholes,
         });
     }
     Some(out)

@@ -248,7 +248,9 @@ impl std::fmt::Debug for Shared {
 
 /// What the index keeps per transfer: the files the reconciler and the list queries decode, and
 /// the facts the planner reads of them (derived from those files when the record is made).
-/// The three are kept in one buffer: facts, then state, then manifest.
+/// The three are kept in one buffer: facts, then state, then manifest. A record read from the
+/// index's facts table holds only its facts (and a record the journal changed since, its state
+/// too): the rest is read on demand ([`Holds`]).
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct IndexRecord {
     pub(crate) id: [u8; 16],
@@ -257,6 +259,18 @@ pub(crate) struct IndexRecord {
     body: Shared,
     facts_end: usize,
     state_end: usize,
+    holds: Holds,
+}
+
+/// Which of a record's parts an [`IndexRecord`] holds (its facts, always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holds {
+    /// Facts, state slot and manifest.
+    Whole,
+    /// Facts and state slot.
+    State,
+    /// Facts only.
+    Facts,
 }
 
 impl std::fmt::Debug for IndexRecord {
@@ -264,6 +278,7 @@ impl std::fmt::Debug for IndexRecord {
         f.debug_struct("IndexRecord")
             .field("id", &self.id)
             .field("resume", &self.resume)
+            .field("holds", &self.holds)
             .field("facts", &self.facts())
             .field("state", &self.state())
             .field("manifest", &self.manifest())
@@ -275,8 +290,19 @@ impl IndexRecord {
     /// A record of these files, with its facts derived from them.
     pub(crate) fn new(id: [u8; 16], resume: bool, state: &[u8], manifest: &[u8]) -> IndexRecord {
         let facts = Facts::encode_of(id, state, manifest);
+        IndexRecord::of_parts(id, resume, &facts, state, manifest, Holds::Whole)
+    }
+
+    fn of_parts(
+        id: [u8; 16],
+        resume: bool,
+        facts: &[u8],
+        state: &[u8],
+        manifest: &[u8],
+        holds: Holds,
+    ) -> IndexRecord {
         let mut body = Vec::with_capacity(facts.len() + state.len() + manifest.len());
-        body.extend_from_slice(&facts);
+        body.extend_from_slice(facts);
         body.extend_from_slice(state);
         body.extend_from_slice(manifest);
         IndexRecord {
@@ -285,7 +311,28 @@ impl IndexRecord {
             body: body.into(),
             facts_end: facts.len(),
             state_end: facts.len() + state.len(),
+            holds,
         }
+    }
+
+    /// This record (whose facts are read from the index, its manifest not) with a new state
+    /// slot: the facts the manifest gave are kept, those of the state derived anew. `None` when
+    /// its facts do not decode.
+    pub(crate) fn with_state(&self, resume: bool, state: &[u8]) -> Option<IndexRecord> {
+        let facts = Facts::decode(self.facts())?.with_state(state);
+        Some(IndexRecord::of_parts(
+            self.id,
+            resume,
+            &facts,
+            state,
+            &[],
+            Holds::State,
+        ))
+    }
+
+    /// Which parts this record holds.
+    pub(crate) fn holds(&self) -> Holds {
+        self.holds
     }
 
     /// The encoded [`Facts`].
@@ -293,14 +340,16 @@ impl IndexRecord {
         self.body.get(..self.facts_end).unwrap_or_default()
     }
 
-    /// The newest valid state slot (header and body); empty when neither slot was valid.
+    /// The newest valid state slot (header and body); empty when neither slot was valid, or
+    /// when the record holds its facts only.
     pub(crate) fn state(&self) -> &[u8] {
         self.body
             .get(self.facts_end..self.state_end)
             .unwrap_or_default()
     }
 
-    /// The manifest file as found (it may fail its checks: the record is then corrupt).
+    /// The manifest file as found (it may fail its checks: the record is then corrupt); empty
+    /// when the record does not hold it.
     pub(crate) fn manifest(&self) -> &[u8] {
         self.body.get(self.state_end..).unwrap_or_default()
     }
@@ -321,8 +370,10 @@ pub(crate) struct Facts<'a> {
     pub(crate) max_attempts: u32,
     pub(crate) initial_backoff_ms: u64,
     pub(crate) max_backoff_ms: u64,
-    /// The URL of the request to run now (the state's replacement, else the manifest's).
+    /// The manifest's URL.
     pub(crate) url: &'a str,
+    /// The URL of the state's replacement request, when it has one.
+    pub(crate) replaced_url: Option<&'a str>,
     /// The state's phase, as [`crate::Phase::ALL`] numbers it.
     pub(crate) phase: u8,
     pub(crate) failures: u32,
@@ -342,15 +393,11 @@ impl<'a> Facts<'a> {
         if m.id != tid {
             return Facts::default().encode();
         }
-        let st = indexed_state(state);
         let mut own = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let own = uuid::Uuid::from_bytes(id)
             .hyphenated()
             .encode_lower(&mut own);
-        let phase = crate::Phase::ALL
-            .iter()
-            .position(|p| *p == st.phase)
-            .unwrap_or(0);
+        let st = indexed_state(state);
         Facts {
             ok: true,
             download: m.kind == crate::Kind::Download,
@@ -360,10 +407,33 @@ impl<'a> Facts<'a> {
             max_attempts: m.retry.max_attempts,
             initial_backoff_ms: duration_ms(m.retry.initial_backoff),
             max_backoff_ms: duration_ms(m.retry.max_backoff),
-            url: st
-                .current_request
-                .as_ref()
-                .map_or(m.url, |r| r.url.as_str()),
+            url: m.url,
+            ..Facts::default()
+        }
+        .and_state(&st)
+        .encode()
+    }
+
+    /// These facts (a valid manifest's) with those of a new state slot, encoded; unchanged
+    /// when the manifest failed its checks.
+    pub(crate) fn with_state(&self, state: &[u8]) -> Vec<u8> {
+        if !self.ok {
+            return self.encode();
+        }
+        self.clone().and_state(&indexed_state(state)).encode()
+    }
+
+    /// These facts with those of `st`.
+    fn and_state<'s>(self, st: &'s crate::State) -> Facts<'s>
+    where
+        'a: 's,
+    {
+        let phase = crate::Phase::ALL
+            .iter()
+            .position(|p| *p == st.phase)
+            .unwrap_or(0);
+        Facts {
+            replaced_url: st.current_request.as_ref().map(|r| r.url.as_str()),
             phase: u8::try_from(phase).unwrap_or(0),
             failures: st.failures,
             next_attempt_ms: st.next_attempt.map(super::to_ms),
@@ -372,8 +442,8 @@ impl<'a> Facts<'a> {
                 .as_ref()
                 .map(|b| (b.session.as_str(), b.task_id, b.tag.as_deref())),
             partial_len: st.partial_len,
+            ..self
         }
-        .encode()
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -414,16 +484,27 @@ pub(crate) fn chunk_of(id: &[u8; 16]) -> u16 {
 
 /// Chunk header: the number of records (4).
 const CHUNK_HEADER_LEN: usize = 4;
-/// Record header: id (16), flags (1; bit 0: resume data exists), then the lengths of the
-/// facts, the state slot and the manifest (4 each).
+/// Record header in a chunk of whole records: id (16), flags (1; bit 0: resume data exists),
+/// then the lengths of the facts, the state slot and the manifest (4 each).
 pub(crate) const RECORD_HEADER_LEN: usize = 29;
+/// Record header in a chunk of facts: id (16), flags (1), the facts' length (4).
+pub(crate) const FACTS_HEADER_LEN: usize = 21;
 /// Chunk trailer: CRC-32 of every byte before it (4).
 const CHUNK_TRAILER_LEN: usize = 4;
 
-pub(crate) fn encode_chunk(records: &[IndexRecord]) -> Vec<u8> {
+/// A chunk of `records` (whole ones): their whole records ([`Holds::Whole`]), or their facts
+/// only ([`Holds::Facts`]).
+pub(crate) fn encode_chunk(records: &[IndexRecord], parts: Holds) -> Vec<u8> {
+    let facts_only = parts == Holds::Facts;
     let body: usize = records
         .iter()
-        .map(|r| RECORD_HEADER_LEN + r.body.len())
+        .map(|r| {
+            if facts_only {
+                FACTS_HEADER_LEN + r.facts().len()
+            } else {
+                RECORD_HEADER_LEN + r.body.len()
+            }
+        })
         .sum();
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + body + CHUNK_TRAILER_LEN);
     out.extend_from_slice(
@@ -433,12 +514,17 @@ pub(crate) fn encode_chunk(records: &[IndexRecord]) -> Vec<u8> {
     );
     let len32 = |b: &[u8]| u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes();
     for r in records {
+        debug_assert_eq!(r.holds, Holds::Whole, "only whole records are written");
         out.extend_from_slice(&r.id);
         out.push(u8::from(r.resume));
         out.extend_from_slice(&len32(r.facts()));
-        out.extend_from_slice(&len32(r.state()));
-        out.extend_from_slice(&len32(r.manifest()));
-        out.extend_from_slice(&r.body);
+        if facts_only {
+            out.extend_from_slice(r.facts());
+        } else {
+            out.extend_from_slice(&len32(r.state()));
+            out.extend_from_slice(&len32(r.manifest()));
+            out.extend_from_slice(&r.body);
+        }
     }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -451,12 +537,13 @@ pub(crate) fn chunk_len(b: &[u8]) -> usize {
     u32::from_le_bytes(fixed::<4>(b, 0)) as usize
 }
 
-/// Decodes the chunk at `range` of `buf` and appends its records to `out`, which share `buf`.
-/// On an error (the chunk's checksum fails, or its records do not fill it exactly) `out` is
-/// unchanged.
+/// Decodes the chunk at `range` of `buf` (written by [`encode_chunk`] with `parts`) and
+/// appends its records to `out`, which share `buf`. On an error (the chunk's checksum fails,
+/// or its records do not fill it exactly) `out` is unchanged.
 pub(crate) fn decode_chunk_into(
     buf: &Arc<Vec<u8>>,
     range: std::ops::Range<usize>,
+    parts: Holds,
     out: &mut Vec<IndexRecord>,
 ) -> Result<(), String> {
     let b = buf.get(range).ok_or("chunk out of range")?;
@@ -472,15 +559,25 @@ pub(crate) fn decode_chunk_into(
     let count = chunk_len(content);
     let from = out.len();
     let mut at = CHUNK_HEADER_LEN;
+    let facts_only = parts == Holds::Facts;
+    let head_len = if facts_only {
+        FACTS_HEADER_LEN
+    } else {
+        RECORD_HEADER_LEN
+    };
     let parse = |at: &mut usize| -> Option<IndexRecord> {
-        let head = content.get(*at..*at + RECORD_HEADER_LEN)?;
+        let head = content.get(*at..*at + head_len)?;
         let len = |i: usize| {
             head.get(17 + 4 * i..21 + 4 * i)
                 .and_then(|b| <[u8; 4]>::try_from(b).ok())
                 .map_or(usize::MAX, |b| u32::from_le_bytes(b) as usize)
         };
-        let (facts, state, manifest) = (len(0), len(1), len(2));
-        let start = *at + RECORD_HEADER_LEN;
+        let (facts, state, manifest) = if facts_only {
+            (len(0), 0, 0)
+        } else {
+            (len(0), len(1), len(2))
+        };
+        let start = *at + head_len;
         let end = start
             .checked_add(facts)?
             .checked_add(state)?
@@ -493,6 +590,11 @@ pub(crate) fn decode_chunk_into(
             body: Shared::within(buf, body),
             facts_end: facts,
             state_end: facts + state,
+            holds: if facts_only {
+                Holds::Facts
+            } else {
+                Holds::Whole
+            },
         })
     };
     for _ in 0..count {
@@ -513,10 +615,10 @@ pub(crate) fn decode_chunk_into(
 
 /// Decodes one chunk on its own.
 #[cfg(test)]
-pub(crate) fn decode_chunk(b: &[u8]) -> Result<Vec<IndexRecord>, String> {
+pub(crate) fn decode_chunk(b: &[u8], parts: Holds) -> Result<Vec<IndexRecord>, String> {
     let buf = Arc::new(b.to_vec());
     let mut out = Vec::new();
-    decode_chunk_into(&buf, 0..b.len(), &mut out)?;
+    decode_chunk_into(&buf, 0..b.len(), parts, &mut out)?;
     Ok(out)
 }
 
@@ -532,7 +634,7 @@ pub(crate) struct IndexMeta {
 }
 
 /// The version of the index's tables; another version is rebuilt.
-pub(crate) const INDEX_VERSION: u32 = 2;
+pub(crate) const INDEX_VERSION: u32 = 3;
 
 pub(crate) fn encode_meta(m: &IndexMeta) -> Vec<u8> {
     let mut out = INDEX_VERSION.to_le_bytes().to_vec();
@@ -602,17 +704,38 @@ mod tests {
         assert_eq!((r.state(), r.manifest()), (&[4u8; 30][..], &[8u8; 200][..]));
         // Files that are no manifest make facts that say so.
         assert_eq!(Facts::decode(r.facts()), Some(Facts::default()));
-        let c = encode_chunk(&[r.clone(), q.clone()]);
-        assert_eq!(decode_chunk(&c), Ok(vec![r, q]));
+        let c = encode_chunk(&[r.clone(), q.clone()], Holds::Whole);
+        assert_eq!(
+            decode_chunk(&c, Holds::Whole),
+            Ok(vec![r.clone(), q.clone()])
+        );
         assert_eq!(chunk_len(&c), 2);
-        // Any byte flipped, or the chunk cut short, fails its checksum.
-        for i in 0..c.len() {
-            let mut bad = c.clone();
-            bad[i] ^= 0x04;
-            assert!(decode_chunk(&bad).is_err(), "byte {i} flipped");
+        // The facts chunk of the same records: each record's id, flags and facts, nothing else.
+        let f = encode_chunk(&[r.clone(), q.clone()], Holds::Facts);
+        let got = decode_chunk(&f, Holds::Facts).unwrap();
+        assert_eq!(got.len(), 2);
+        for (g, w) in got.iter().zip([&r, &q]) {
+            assert_eq!((g.id, g.resume, g.facts()), (w.id, w.resume, w.facts()));
+            assert_eq!((g.state(), g.manifest()), (&[][..], &[][..]));
+            assert_eq!(g.holds(), Holds::Facts);
         }
-        assert!(decode_chunk(&c[..c.len() - 1]).is_err());
-        assert!(decode_chunk(&[]).is_err());
+        assert_eq!(
+            f.len(),
+            4 + 2 * FACTS_HEADER_LEN + r.facts().len() + q.facts().len() + 4
+        );
+        // Any byte flipped, or the chunk cut short, fails its checksum; so does reading a
+        // chunk as the other kind.
+        for (c, parts) in [(&c, Holds::Whole), (&f, Holds::Facts)] {
+            for i in 0..c.len() {
+                let mut bad = c.clone();
+                bad[i] ^= 0x04;
+                assert!(decode_chunk(&bad, parts).is_err(), "byte {i} flipped");
+            }
+            assert!(decode_chunk(&c[..c.len() - 1], parts).is_err());
+            assert!(decode_chunk(&[], parts).is_err());
+        }
+        assert!(decode_chunk(&c, Holds::Facts).is_err());
+        assert!(decode_chunk(&f, Holds::Whole).is_err());
         let m = IndexMeta {
             generation: [2; 16],
             consumed: 56,

@@ -1487,10 +1487,10 @@ impl Store {
         opts: &ReconcileOptions,
     ) -> Result<Plan> {
         self.core.fs.check()?;
-        if let Some(indexed) = self.index_records()
-            && let Some((records, corrupt)) = self.plan_view(&indexed)
+        if let Some((indexed, wholes)) = self.index_facts()
+            && let Some((records, corrupt)) = self.plan_view(&indexed, wholes.as_ref())
         {
-            return plan_of(
+            let planned = plan_of(
                 sessions,
                 tasks,
                 &[&records.0, &records.1],
@@ -1498,6 +1498,9 @@ impl Store {
                 now,
                 opts,
             );
+            drop(records);
+            self.after_wholes(wholes.as_ref());
+            return planned;
         }
         let (records, corrupt) = self.records(sessions)?;
         plan(sessions, tasks, &records, &corrupt, now, opts)
@@ -1509,10 +1512,13 @@ impl Store {
     /// As [`Store::reconcile`].
     pub fn reset_plan(&self, sessions: &Sessions, tasks: &[Task]) -> Result<Plan> {
         self.core.fs.check()?;
-        if let Some(indexed) = self.index_records()
-            && let Some((records, corrupt)) = self.plan_view(&indexed)
+        if let Some((indexed, wholes)) = self.index_facts()
+            && let Some((records, corrupt)) = self.plan_view(&indexed, wholes.as_ref())
         {
-            return plan_reset_of(sessions, tasks, &[&records.0, &records.1], &corrupt);
+            let planned = plan_reset_of(sessions, tasks, &[&records.0, &records.1], &corrupt);
+            drop(records);
+            self.after_wholes(wholes.as_ref());
+            return planned;
         }
         let (records, corrupt) = self.records(sessions)?;
         plan_reset(sessions, tasks, &records, &corrupt)
