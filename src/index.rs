@@ -661,15 +661,10 @@ impl Index {
         // A killed holder then costs no full repair when the index is next opened.
         tx.set_quick_repair(true);
         {
-            let mut t = tx.open_table(CHUNKS)?;
-            let mut f = tx.open_table(FACTS)?;
-            if dirty.is_none() {
-                t.retain(|_, _| false)?;
-                f.retain(|_, _| false)?;
-            }
+            // Each chunk's span of `records`.
+            let mut spans = Vec::new();
             let mut at = 0;
-            while at < records.len() {
-                let Some(first) = records.get(at) else { break };
+            while let Some(first) = records.get(at) {
                 let c = fmt::chunk_of(&first.id);
                 let n = records
                     .get(at..)
@@ -677,22 +672,26 @@ impl Index {
                     .iter()
                     .take_while(|r| fmt::chunk_of(&r.id) == c)
                     .count();
-                if dirty.is_none_or(|d| d.contains(&c)) {
-                    let part = records.get(at..at + n).unwrap_or_default();
-                    t.insert(c, fmt::encode_chunk(part, Holds::Whole).as_slice())?;
-                    f.insert(c, fmt::encode_chunk(part, Holds::Facts).as_slice())?;
-                }
+                spans.push((c, at..at + n));
                 at += n;
             }
-            // Chunks left with no records.
-            if let Some(d) = dirty {
-                for c in d {
-                    let present = records
-                        .binary_search_by(|r| fmt::chunk_of(&r.id).cmp(c))
-                        .is_ok();
-                    if !present {
+            // One table after the other, facts first: each table's pages then lie together
+            // in a new file, and the facts (what a reconcile reads) are read cold in few runs.
+            for (table, parts) in [(FACTS, Holds::Facts), (CHUNKS, Holds::Whole)] {
+                let mut t = tx.open_table(table)?;
+                if dirty.is_none() {
+                    t.retain(|_, _| false)?;
+                }
+                for (c, span) in &spans {
+                    if dirty.is_none_or(|d| d.contains(c)) {
+                        let part = records.get(span.clone()).unwrap_or_default();
+                        t.insert(*c, fmt::encode_chunk(part, parts).as_slice())?;
+                    }
+                }
+                // Chunks left with no records.
+                for c in dirty.into_iter().flatten() {
+                    if spans.binary_search_by_key(c, |(k, _)| *k).is_err() {
                         t.remove(*c)?;
-                        f.remove(*c)?;
                     }
                 }
             }
@@ -997,15 +996,21 @@ fn decode_chunks(
 }
 
 /// The whole records of a listing read from the facts table, read on demand (a chunk at a time,
-/// from the snapshot the facts came from) for the few records whose files planning decodes.
+/// from the snapshot the facts came from) for the records whose files planning decodes. The
+/// planner visits records in id order, so a few chunks are kept: each is read once, and a plan
+/// that needs every record's files holds no more of them than that.
 /// A record the whole table lacks, or a damaged chunk, is read from its directory instead,
 /// and the index is marked [damaged](Wholes::damaged).
 pub(crate) struct Wholes {
     tx: redb::ReadTransaction,
     root: PathBuf,
-    chunks: Mutex<HashMap<u16, Option<Vec<IndexRecord>>>>,
+    /// The chunks read last, the newest last.
+    chunks: Mutex<Vec<(u16, Option<Vec<IndexRecord>>)>>,
     damaged: std::sync::atomic::AtomicBool,
 }
+
+/// How many chunks [`Wholes`] keeps (the planner decides on up to two threads).
+const WHOLE_CHUNKS_KEPT: usize = 4;
 
 impl std::fmt::Debug for Wholes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1018,7 +1023,7 @@ impl Wholes {
         Wholes {
             tx,
             root: root.to_path_buf(),
-            chunks: Mutex::new(HashMap::new()),
+            chunks: Mutex::new(Vec::with_capacity(WHOLE_CHUNKS_KEPT + 1)),
             damaged: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -1046,13 +1051,27 @@ impl Wholes {
         let c = fmt::chunk_of(&id);
         let found = {
             let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
-            let chunk = chunks.entry(c).or_insert_with(|| self.chunk(c));
-            chunk.as_ref().and_then(|records| {
-                records
-                    .binary_search_by(|r| r.id.cmp(&id))
-                    .ok()
-                    .and_then(|i| records.get(i).cloned())
-            })
+            match chunks.iter().position(|(k, _)| *k == c) {
+                Some(i) => {
+                    let hit = chunks.remove(i);
+                    chunks.push(hit);
+                }
+                None => {
+                    if chunks.len() == WHOLE_CHUNKS_KEPT {
+                        chunks.remove(0);
+                    }
+                    chunks.push((c, self.chunk(c)));
+                }
+            }
+            chunks
+                .last()
+                .and_then(|(_, chunk)| chunk.as_ref())
+                .and_then(|records| {
+                    records
+                        .binary_search_by(|r| r.id.cmp(&id))
+                        .ok()
+                        .and_then(|i| records.get(i).cloned())
+                })
         };
         if found.is_some() {
             return found;
