@@ -450,9 +450,92 @@ impl<'a> Facts<'a> {
         postcard::to_allocvec(self).unwrap_or_default()
     }
 
-    /// Decodes facts; `None` for bytes that are not facts.
+    /// Decodes facts; `None` for bytes that are not facts. Reads postcard's encoding of
+    /// [`Facts`] directly (a reconcile decodes every record's facts): it accepts exactly what
+    /// `postcard` would (`decoding_facts_directly_agrees_with_postcard` checks).
     pub(crate) fn decode(b: &'a [u8]) -> Option<Facts<'a>> {
-        decode_exact(b).ok()
+        let mut r = Wire { b };
+        let f = Facts {
+            ok: r.bool()?,
+            download: r.bool()?,
+            session: r.str()?,
+            key: r.option(Wire::str)?,
+            deadline_ms: r.option(Wire::u64)?,
+            max_attempts: r.u32()?,
+            initial_backoff_ms: r.u64()?,
+            max_backoff_ms: r.u64()?,
+            url: r.str()?,
+            replaced_url: r.option(Wire::str)?,
+            phase: r.byte()?,
+            failures: r.u32()?,
+            next_attempt_ms: r.option(Wire::u64)?,
+            binding: r.option(|r| Some((r.str()?, r.u64()?, r.option(Wire::str)?)))?,
+            partial_len: r.u64()?,
+        };
+        r.b.is_empty().then_some(f)
+    }
+}
+
+/// Reads postcard's wire format: varints (LEB128, at most as many bytes as the type needs,
+/// the last one bounded), bytes and options as one byte, strings as a length and UTF-8.
+struct Wire<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Wire<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&first, rest) = self.b.split_first()?;
+        self.b = rest;
+        Some(first)
+    }
+
+    fn bool(&mut self) -> Option<bool> {
+        match self.byte()? {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    fn option<T>(&mut self, some: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        match self.byte()? {
+            0 => Some(None),
+            1 => some(self).map(Some),
+            _ => None,
+        }
+    }
+
+    /// A varint of a `bits`-bit integer.
+    fn varint(&mut self, bits: u32) -> Option<u64> {
+        let max = bits.div_ceil(7);
+        let mut out = 0u64;
+        for i in 0..max {
+            let v = self.byte()?;
+            out |= u64::from(v & 0x7f) << (7 * i);
+            if v & 0x80 == 0 {
+                let last_max = (1u64 << (bits % 7)) - 1;
+                return (i + 1 < max || u64::from(v) <= last_max).then_some(out);
+            }
+        }
+        None
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.varint(64)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.varint(32)?).ok()
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        let len = usize::try_from(self.varint(usize::BITS)?).ok()?;
+        if len > self.b.len() {
+            return None;
+        }
+        let (s, rest) = self.b.split_at(len);
+        self.b = rest;
+        std::str::from_utf8(s).ok()
     }
 }
 
@@ -652,6 +735,83 @@ pub(crate) fn decode_meta(b: &[u8]) -> Option<IndexMeta> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Facts of arbitrary field values (strings as owned parts).
+    type Parts = (
+        (
+            bool,
+            bool,
+            String,
+            Option<String>,
+            Option<u64>,
+            u32,
+            u64,
+            u64,
+        ),
+        (String, Option<String>, u8, u32, Option<u64>),
+        (Option<(String, u64, Option<String>)>, u64),
+    );
+
+    fn facts_of(p: &Parts) -> Facts<'_> {
+        let ((ok, download, session, key, deadline_ms, max_attempts, initial, max), rest, last) = p;
+        let (url, replaced, phase, failures, next_attempt_ms) = rest;
+        let (binding, partial_len) = last;
+        Facts {
+            ok: *ok,
+            download: *download,
+            session,
+            key: key.as_deref(),
+            deadline_ms: *deadline_ms,
+            max_attempts: *max_attempts,
+            initial_backoff_ms: *initial,
+            max_backoff_ms: *max,
+            url,
+            replaced_url: replaced.as_deref(),
+            phase: *phase,
+            failures: *failures,
+            next_attempt_ms: *next_attempt_ms,
+            binding: binding
+                .as_ref()
+                .map(|(s, t, g)| (s.as_str(), *t, g.as_deref())),
+            partial_len: *partial_len,
+        }
+    }
+
+    proptest! {
+        /// Facts read directly from postcard's bytes are the facts postcard wrote; and for any
+        /// bytes (encoded facts with a byte changed, cut short or lengthened, or arbitrary
+        /// bytes), reading them directly gives what postcard's decoder gives.
+        #[test]
+        fn decoding_facts_directly_agrees_with_postcard(
+            parts in any::<Parts>(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<prop::sample::Index>(),
+            extra in any::<u8>(),
+            noise in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let f = facts_of(&parts);
+            let bytes = f.encode();
+            prop_assert_eq!(Facts::decode(&bytes), Some(f));
+            let mut changed = bytes.clone();
+            changed[at.index(bytes.len())] = byte;
+            let short = &bytes[..cut.index(bytes.len())];
+            let mut long = bytes.clone();
+            long.push(extra);
+            // Varints at their bounds, and a string that is not UTF-8.
+            let bounds: [&[u8]; 4] = [
+                &[0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f],
+                &[0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x1f],
+                &[0, 0, 0, 0, 0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+                &[0, 0, 2, 0xc3, 0x28],
+            ];
+            for b in [&changed[..], short, &long, &noise].into_iter().chain(bounds) {
+                let want: Option<Facts<'_>> = decode_exact(b).ok();
+                prop_assert_eq!(Facts::decode(b), want, "{:?}", b);
+            }
+        }
+    }
 
     #[test]
     fn frames_round_trip_and_damage_reads_as_no_frame() {
