@@ -1010,7 +1010,7 @@ pub(crate) struct Wholes {
 }
 
 /// How many chunks [`Wholes`] keeps (the planner decides on up to two threads).
-const WHOLE_CHUNKS_KEPT: usize = 4;
+const WHOLE_CHUNKS_KEPT: usize = 2;
 
 impl std::fmt::Debug for Wholes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

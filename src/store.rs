@@ -2947,14 +2947,12 @@ impl IndexedRecord<'_> {
         }
     }
 
-    /// The manifest's bytes (empty when they cannot be had).
-    fn manifest(&self) -> Vec<u8> {
+    /// The record holding the manifest: this one, or the whole record (`None` when it cannot
+    /// be had).
+    fn with_manifest(&self) -> Option<std::borrow::Cow<'_, IndexRecord>> {
         match self.record.holds() {
-            crate::format::index::Holds::Whole => self.record.manifest().to_vec(),
-            _ => self
-                .whole()
-                .map(|w| w.manifest().to_vec())
-                .unwrap_or_default(),
+            crate::format::index::Holds::Whole => Some(std::borrow::Cow::Borrowed(self.record)),
+            _ => self.whole().map(std::borrow::Cow::Owned),
         }
     }
 }
@@ -3011,10 +3009,17 @@ impl crate::reconcile::Planned for IndexedRecord<'_> {
         self.facts.replaced_url.unwrap_or(self.facts.url)
     }
     fn request(&self) -> crate::transfer::Request {
-        if let Some(r) = self.state().current_request {
+        // The facts say whether the state holds a replacement (they were derived from it): the
+        // state is decoded only then.
+        if self.facts.replaced_url.is_some()
+            && let Some(r) = self.state().current_request
+        {
             return r;
         }
-        match manifest::decode_ref(Path::new(""), &self.manifest()) {
+        // Decoded in place (no copy of the manifest per request).
+        let holder = self.with_manifest();
+        let bytes = holder.as_ref().map_or(&[][..], |r| r.manifest());
+        match manifest::decode_ref(Path::new(""), bytes) {
             Ok(m) => m.request(),
             Err(e) => {
                 // The facts were derived from these very bytes (the chunk's checksum holds):
