@@ -1440,16 +1440,7 @@ mod tests {
     fn planning_reads_the_facts_table_and_the_rest_on_demand() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
-        let ids: Vec<TransferId> = (0..40)
-            .map(|i| {
-                let t = if i % 3 == 0 {
-                    NewTransfer::upload(format!("https://x/u{i}"), UploadSource::Bytes(vec![1; 5]))
-                } else {
-                    NewTransfer::download(format!("https://x/d{i}"))
-                };
-                s.create(t).unwrap()
-            })
-            .collect();
+        let ids = ids(40, &s);
         for (k, &id) in ids.iter().enumerate() {
             match k % 5 {
                 0 => drop(s.complete(id, Some(200)).unwrap()),
