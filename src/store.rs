@@ -917,14 +917,24 @@ struct BatchRun {
     stopped: bool,
 }
 
+/// A file of a staged transfer that must be synced.
+struct ToSync {
+    file: Handle,
+    path: PathBuf,
+    /// Written by the build (not a linked file of the caller's, whose cached pages the early
+    /// write-back must not drop).
+    written: bool,
+}
+
 /// A transfer built in `staging/`, not yet visible.
 struct Staged {
     id: TransferId,
     dir: PathBuf,
     /// The state file, locked for as long as the build runs so no cleaner takes the directory.
     state: Handle,
-    /// Files whose data must be synced before the directory becomes visible.
-    to_sync: Vec<(Handle, PathBuf)>,
+    /// Files whose data must be synced before the directory becomes visible, in the order
+    /// they were written (the state last).
+    to_sync: Vec<ToSync>,
     manifest: Manifest,
     /// The manifest file and the first state slot as written, for the journal.
     files: (Vec<u8>, Vec<u8>),
@@ -1764,9 +1774,22 @@ impl Store {
         if let Some(h) = sync_with {
             return self.core.fs.sync_fs(h, &self.dir(STAGING));
         }
+        // Write-back of every file but the first to be synced starts now, so that first sync
+        // commits all their block allocations in one file-system journal transaction and the
+        // syncs after it only wait for their data. Each file is still synced: the early start
+        // is a hint that makes nothing durable.
+        for t in staged
+            .iter()
+            .flat_map(|s| s.to_sync.iter().rev())
+            .skip(1)
+            .filter(|t| t.written)
+        {
+            self.core.fs.start_write_back(&t.file);
+        }
         for s in staged.iter() {
-            for (f, p) in &s.to_sync {
-                self.core.fs.sync_data(f, p)?;
+            // The state first: it was written last, so its write-back has not started.
+            for t in s.to_sync.iter().rev() {
+                self.core.fs.sync_data(&t.file, &t.path)?;
             }
             self.core.fs.sync_dir(&s.dir)?;
         }
@@ -1794,7 +1817,11 @@ impl Store {
             Some(UploadSource::Bytes(bytes)) => {
                 let f = self.core.fs.create_new(&payload_path)?;
                 self.core.fs.write_all(&f, &payload_path, &bytes)?;
-                to_sync.push((f, payload_path));
+                to_sync.push(ToSync {
+                    file: f,
+                    path: payload_path,
+                    written: true,
+                });
                 PayloadFacts::Written {
                     len: bytes.len() as u64,
                 }
@@ -1826,7 +1853,11 @@ impl Store {
                 // A linked file's data must be durable too before the transfer is: the caller
                 // may have written it moments ago. Syncing does not modify it.
                 if let Some(f) = f {
-                    to_sync.push((f, payload_path));
+                    to_sync.push(ToSync {
+                        file: f,
+                        path: payload_path,
+                        written: placed == Placed::Copied,
+                    });
                 }
                 match placed {
                     Placed::Linked => PayloadFacts::Linked {
@@ -1858,14 +1889,22 @@ impl Store {
         let stored = manifest::decode(&mpath, &bytes)?;
         let mf = self.core.fs.create_new(&mpath)?;
         self.core.fs.write_all(&mf, &mpath, &bytes)?;
-        to_sync.push((mf, mpath));
+        to_sync.push(ToSync {
+            file: mf,
+            path: mpath,
+            written: true,
+        });
         let slot = state_fmt::encode_slot(1, &State::new())?;
         self.core.fs.write_at(&state, &state_path, 0, &slot)?;
         if !shared {
             let sf = state
                 .try_clone()
                 .map_err(|e| Error::io("duplicate handle", &state_path, e))?;
-            to_sync.push((sf, state_path));
+            to_sync.push(ToSync {
+                file: sf,
+                path: state_path,
+                written: true,
+            });
         }
         Ok(Staged {
             id,
@@ -3138,6 +3177,94 @@ mod tests {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             crate::fs::Real.sync_fs(f)
         }
+    }
+
+    /// The real file system, recording which files (by inode) get an early write-back and a
+    /// data sync, in order.
+    #[derive(Debug, Default)]
+    struct RecordingWriteBack(Mutex<Vec<(&'static str, u64)>>);
+
+    impl crate::fs::Backend for RecordingWriteBack {
+        fn start_write_back(&self, f: &Handle) {
+            if let Ok(m) = crate::fs::Real.fstat(f) {
+                lock(&self.0).push(("start", m.ino));
+            }
+            crate::fs::Real.start_write_back(f);
+        }
+        fn sync_data(&self, f: &Handle) -> std::io::Result<()> {
+            lock(&self.0).push(("sync", crate::fs::Real.fstat(f)?.ino));
+            crate::fs::Real.sync_data(f)
+        }
+    }
+
+    /// A single create starts the write-back of the files it wrote before its first sync, which
+    /// is of the state (written last), so one journal commit covers all their allocations; it
+    /// never does so for a linked file of the caller's (that would drop the caller's cached
+    /// pages); and it still syncs every file once.
+    #[cfg(unix)]
+    #[test]
+    fn a_create_starts_write_back_of_its_own_files_before_syncing_the_state_first() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
+        let rec = Arc::new(RecordingWriteBack::default());
+        let store = Store::builder()
+            .backend(Arc::clone(&rec) as Arc<dyn crate::fs::Backend>)
+            .open(dir.path().join("store"))?;
+        let src = dir.path().join("photo.jpg");
+        std::fs::write(&src, b"caller's bytes").map_err(|e| Error::io("write", &src, e))?;
+        let ino = |p: &Path| -> Result<u64> {
+            let m = std::fs::symlink_metadata(p).map_err(|e| Error::io("lstat", p, e))?;
+            Ok(std::os::unix::fs::MetadataExt::ino(&m))
+        };
+        let sources = [
+            (
+                crate::UploadSource::File {
+                    path: src.clone(),
+                    link: LinkMode::HardLink,
+                },
+                false,
+            ),
+            (crate::UploadSource::Bytes(b"ours".to_vec()), true),
+        ];
+        for (source, payload_ours) in sources {
+            lock(&rec.0).clear();
+            let id = store.create(NewTransfer::upload("https://example.com/u", source))?;
+            let t = dir
+                .path()
+                .join("store")
+                .join(TRANSFERS)
+                .join(id.to_string());
+            let (manifest, state, payload) = (
+                ino(&t.join(MANIFEST))?,
+                ino(&t.join(STATE))?,
+                ino(&t.join(PAYLOAD))?,
+            );
+            let events = lock(&rec.0).clone();
+            let first_sync = events.iter().position(|e| e.0 == "sync");
+            assert_eq!(
+                first_sync.and_then(|i| events.get(i)),
+                Some(&("sync", state)),
+                "the state is synced first: {events:?}"
+            );
+            let started: Vec<u64> = events
+                .iter()
+                .take(first_sync.unwrap_or(0))
+                .filter(|e| e.0 == "start")
+                .map(|e| e.1)
+                .collect();
+            let mut expected = vec![manifest];
+            if payload_ours {
+                expected.push(payload);
+            }
+            assert_eq!(started, expected, "started early: {events:?}");
+            for f in [manifest, state, payload] {
+                assert_eq!(
+                    events.iter().filter(|e| **e == ("sync", f)).count(),
+                    1,
+                    "each file synced once: {events:?}"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// One create needs five syncs (manifest, state, payload, its directory, `transfers/`); a
