@@ -601,10 +601,6 @@ impl Claim {
             _ => Claim::Many,
         };
     }
-
-    fn is_one(self, ti: usize) -> bool {
-        matches!(self, Claim::One(one) if usize::try_from(one) == Ok(ti))
-    }
 }
 
 /// `named` in id order. Ids are random, so their top bits spread them evenly: a counting sort
@@ -757,14 +753,38 @@ impl<'a> Names<'a> {
 /// The outcome of matching: per record and per corrupt id, its one task (by index); per task,
 /// why it is left over (if it is).
 struct Matching {
-    record_task: Vec<Option<usize>>,
-    /// Per record: its task's tag is the record's id (as text), so the tag need not be read
-    /// again to be recorded.
-    record_named_by_id: Vec<bool>,
-    /// Per record: its task's numbers, copied while the tasks were read in order.
-    record_task_nums: Vec<TaskNums>,
+    /// Per record, in the records' order.
+    records: Vec<RecordMatch>,
     corrupt_task: Vec<Option<usize>>,
     leftover: Vec<Option<CancelReason>>,
+}
+
+/// What matching learns about one record, kept together: each task's match touches one record
+/// at random, and everything it reads and writes there is then on one cache line.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(64))]
+struct RecordMatch {
+    /// The record's session, by its number.
+    session: u32,
+    /// The tasks that point at the record.
+    claim: Claim,
+    /// A task that points at the record also points at another.
+    ambiguous: bool,
+    /// The claiming task's tag is the record's id (as text), so the tag need not be read again
+    /// to be recorded. Meaningful when one task claims the record.
+    named_by_id: bool,
+    /// The claiming task's numbers, copied while the tasks were read in order.
+    nums: TaskNums,
+}
+
+impl RecordMatch {
+    /// The record's task: the one task that points at it and at no other record.
+    fn task(&self) -> Option<usize> {
+        match self.claim {
+            Claim::One(ti) if !self.ambiguous => usize::try_from(ti).ok(),
+            _ => None,
+        }
+    }
 }
 
 /// The checked inputs of one plan: tasks in the order given, records of the supplied sessions
@@ -937,7 +957,6 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         corrupt,
         sessions,
     } = inp;
-    let n = recs.len();
     // Records and corrupt ids are in id order (see `inputs`).
     let (rec_of_tag, corrupt_of_tag) = tags_as_ids(tasks, recs, corrupt);
     let mut by_tag: FxMap<(u32, &str), Cands> = FxMap::default();
@@ -956,20 +975,27 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
     // carry their record's tag never do.
     let mut weak: Option<Weak<'_>> = None;
 
-    let mut rec_claims = vec![Claim::None; n];
+    let mut records: Vec<RecordMatch> = rec_session
+        .iter()
+        .map(|&session| RecordMatch {
+            session,
+            claim: Claim::None,
+            ambiguous: false,
+            named_by_id: false,
+            nums: TaskNums::default(),
+        })
+        .collect();
     let mut corrupt_claims = vec![Claim::None; corrupt.len()];
-    let mut rec_ambiguous = vec![false; n];
     let mut leftover: Vec<Option<CancelReason>> = vec![None; tasks.len()];
-    let mut proposal: Vec<Option<usize>> = vec![None; tasks.len()];
-    let mut named_by_id = vec![false; tasks.len()];
-    let mut record_task_nums = vec![TaskNums::default(); n];
+    // Tasks that point at a record another task points at too.
+    let mut contested: Vec<usize> = Vec::new();
     let mut cands: Vec<usize> = Vec::new();
     for (ti, (task, &s)) in tasks.iter().zip(task_session.iter()).enumerate() {
         cands.clear();
         let mut id_hit = None;
         if let Some(tag) = task.tag.as_deref() {
             if let Some(&i) = rec_of_tag.get(ti)
-                && rec_session.get(i) == Some(&s)
+                && records.get(i).is_some_and(|r| r.session == s)
             {
                 cands.push(i);
                 id_hit = Some(i);
@@ -1015,45 +1041,48 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         {
             cands.extend_from_slice(c.as_slice());
         }
-        let (left, prop) = match cands.as_slice() {
-            [] => (Some(CancelReason::NoRecord), None),
+        let left = match cands.as_slice() {
+            [] => Some(CancelReason::NoRecord),
             [one] => {
-                if let Some(c) = rec_claims.get_mut(*one) {
-                    c.add(ti);
+                if let Some(r) = records.get_mut(*one) {
+                    let before = r.claim;
+                    r.claim.add(ti);
+                    if r.claim == Claim::Many {
+                        if let Claim::One(first) = before {
+                            contested.extend(usize::try_from(first).ok());
+                        }
+                        contested.push(ti);
+                    }
+                    r.named_by_id = id_hit == Some(*one);
+                    r.nums = TaskNums::of(task, s);
                 }
-                if let Some(b) = named_by_id.get_mut(ti) {
-                    *b = id_hit == Some(*one);
-                }
-                if let Some(nums) = record_task_nums.get_mut(*one) {
-                    *nums = TaskNums::of(task, s);
-                }
-                (None, Some(*one))
+                None
             }
             many => {
                 for &i in many {
-                    if let Some(a) = rec_ambiguous.get_mut(i) {
-                        *a = true;
+                    if let Some(r) = records.get_mut(i) {
+                        r.ambiguous = true;
                     }
                 }
-                (Some(CancelReason::Ambiguous), None)
+                Some(CancelReason::Ambiguous)
             }
         };
-        if let (Some(l), Some(p)) = (leftover.get_mut(ti), proposal.get_mut(ti)) {
-            (*l, *p) = (left, prop);
+        if let Some(l) = leftover.get_mut(ti) {
+            *l = left;
         }
     }
-    let mut record_task = vec![None; n];
-    let mut record_named_by_id = vec![false; n];
-    for (ti, p) in proposal.iter().enumerate() {
-        let Some(ri) = *p else { continue };
-        let sole = rec_claims.get(ri).is_some_and(|c| c.is_one(ti));
-        if sole && rec_ambiguous.get(ri) == Some(&false) {
-            if let (Some(slot), Some(b)) = (record_task.get_mut(ri), record_named_by_id.get_mut(ri))
-            {
-                *slot = Some(ti);
-                *b = named_by_id.get(ti) == Some(&true);
-            }
-        } else if let Some(l) = leftover.get_mut(ti) {
+    // A task that shares its record with another, or whose record another task's candidates
+    // include, is matched to nothing.
+    for r in &records {
+        if let Claim::One(ti) = r.claim
+            && r.ambiguous
+            && let Some(l) = usize::try_from(ti).ok().and_then(|ti| leftover.get_mut(ti))
+        {
+            *l = Some(CancelReason::Ambiguous);
+        }
+    }
+    for ti in contested {
+        if let Some(l) = leftover.get_mut(ti) {
             *l = Some(CancelReason::Ambiguous);
         }
     }
@@ -1078,9 +1107,7 @@ fn match_tasks<R: Planned>(inp: &mut Inputs<'_, R>) -> Matching {
         }
     }
     Matching {
-        record_task,
-        record_named_by_id,
-        record_task_nums,
+        records,
         corrupt_task,
         leftover,
     }
@@ -1376,12 +1403,12 @@ fn plan_with<R: Planned>(
     cancels
         .sort_unstable_by(|(a, _), (b, _)| (&a.session, a.task_id).cmp(&(&b.session, b.task_id)));
     let matched = |i: usize| {
-        let ti = m.record_task.get(i).copied().flatten()?;
+        let r = m.records.get(i)?;
         Some(Matched {
-            task: inp.tasks.get(ti).copied()?,
-            nums: *m.record_task_nums.get(i)?,
-            session: inp.sessions.name(m.record_task_nums.get(i)?.session),
-            named_by_id: m.record_named_by_id.get(i) == Some(&true),
+            task: inp.tasks.get(r.task()?).copied()?,
+            nums: r.nums,
+            session: inp.sessions.name(r.nums.session),
+            named_by_id: r.named_by_id,
         })
     };
     let decide_range = |range: std::ops::Range<usize>, v: &mut Vec<Action>| {
