@@ -347,9 +347,10 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// `posix_fadvise(POSIX_FADV_DONTNEED)`, which starts write-back before it drops clean
     /// pages). A hint and nothing more: it makes nothing durable and its failure is ignored.
     /// Started on several new files before the first of them is synced, it lets that one sync
-    /// commit all their block allocations in one file-system journal transaction, so the
-    /// files' own syncs after it only wait for their data (ext4: measured about a fifth off a
-    /// create, docs/PERFORMANCE.md section 3).
+    /// write all their data and the metadata their block allocations changed in one go (one
+    /// journal transaction on a journaling file system; on ext4 without a journal, one write
+    /// of the inode-table block they share), so the files' own syncs after it find little left
+    /// to write (ext4: measured about a fifth off a create, docs/PERFORMANCE.md section 3).
     fn start_write_back(&self, f: &Handle) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Ok(file) = f.real() {

@@ -1775,8 +1775,9 @@ impl Store {
             return self.core.fs.sync_fs(h, &self.dir(STAGING));
         }
         // Write-back of every file but the first to be synced starts now, so that first sync
-        // commits all their block allocations in one file-system journal transaction and the
-        // syncs after it only wait for their data. Each file is still synced: the early start
+        // writes all their data and the metadata their block allocations changed in one go
+        // (one journal transaction, or one write of the inode-table block they share), and the
+        // syncs after it find little left to write. Each file is still synced: the early start
         // is a hint that makes nothing durable.
         for t in staged
             .iter()
@@ -3198,7 +3199,7 @@ mod tests {
     }
 
     /// A single create starts the write-back of the files it wrote before its first sync, which
-    /// is of the state (written last), so one journal commit covers all their allocations; it
+    /// is of the state (written last), so that sync writes all their allocations at once; it
     /// never does so for a linked file of the caller's (that would drop the caller's cached
     /// pages); and it still syncs every file once.
     #[cfg(unix)]
