@@ -12,15 +12,16 @@
 //! page cache, and a journal from an earlier boot (which may have lost frames) is discarded,
 //! which makes the holder rebuild the index from the directories.
 //!
-//! Only the real file system has a journal and an index: the simulated and fault-injecting
-//! backends leave both out (their stores are always read from the directories).
+//! The journal, the index's pages (through [`IndexFile`], our redb `StorageBackend`) and the
+//! boot identity all go through the store's file system seam, so the crash simulator and the
+//! fault injector see every write and sync of them. Their failures never poison the store: a
+//! failed index write or sync drops the index (it is rebuilt from the directories when next
+//! opened); a failed journal append deletes it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -28,7 +29,7 @@ use crate::format::index::{
     self as fmt, Boot, EntryBody, Frame, Holds, IndexMeta, IndexRecord, JOURNAL_HEADER_LEN,
     JournalHeader,
 };
-use crate::format::state as state_fmt;
+use crate::fs::{Backend, BootMark, Fs, Handle};
 use crate::store::{MANIFEST, RESUME, STAGING, STATE, TRANSFERS};
 use crate::{Error, Result, TransferId};
 
@@ -41,64 +42,61 @@ const FACTS: TableDefinition<u16, &[u8]> = TableDefinition::new("facts");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_KEY: &str = "meta";
 
-/// From this many journal bytes past the index's checkpoint, reading the index also writes the
-/// changes into it.
-#[cfg(not(test))]
-const CHECKPOINT_BYTES: u64 = 256 * 1024;
-#[cfg(test)]
-const CHECKPOINT_BYTES: u64 = 2 * 1024;
-/// A fully consumed journal longer than this is cut back to its header.
-#[cfg(not(test))]
-const COMPACT_BYTES: u64 = 1024 * 1024;
-#[cfg(test)]
-const COMPACT_BYTES: u64 = 4 * 1024;
 /// A journal longer than this is started afresh (and the index rebuilt) rather than read.
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
 /// The index's page cache: its values are read once per reconcile, so a large cache only
 /// costs resident memory.
 const CACHE_BYTES: usize = 256 * 1024;
 
-/// This boot of the running system, where the platform can tell.
-pub(crate) fn current_boot() -> Option<Boot> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        && let Ok(u) = uuid::Uuid::parse_str(s.trim())
-    {
-        return Some(Boot::Id(*u.as_bytes()));
+/// When the journal's changes are written into the index, and when it is cut back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Thresholds {
+    /// From this many journal bytes past the index's checkpoint, reading the index also writes
+    /// the changes into it.
+    pub(crate) checkpoint: u64,
+    /// A fully consumed journal longer than this is cut back to its header.
+    pub(crate) compact: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            checkpoint: 256 * 1024,
+            compact: 1024 * 1024,
+        }
     }
-    #[cfg(unix)]
-    {
-        // The wall clock minus the time since boot (a clock that keeps counting in sleep).
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let since = rustix::time::ClockId::Boottime;
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let since = rustix::time::ClockId::Monotonic;
-        let up = rustix::time::clock_gettime(since);
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
-        let ms = |t: rustix::time::Timespec| {
-            t.tv_sec
-                .saturating_mul(1000)
-                .saturating_add(t.tv_nsec / 1_000_000)
-        };
-        Some(Boot::Since(ms(now).saturating_sub(ms(up))))
+}
+
+/// The journal's record of a boot.
+fn boot_of(m: BootMark) -> Boot {
+    match m {
+        BootMark::Id(id) => Boot::Id(id),
+        BootMark::Since(ms) => Boot::Since(ms),
     }
-    #[cfg(not(unix))]
-    None
+}
+
+/// A crate error as redb's, its source kept.
+fn db_err(e: Error) -> redb::Error {
+    redb::Error::Io(std::io::Error::other(e))
 }
 
 /// The store's change journal, open for appending.
 #[derive(Debug)]
 pub(crate) struct Journal {
     path: PathBuf,
+    /// The journal's own view of the store's backend: it never syncs, and its failures never
+    /// poison the store.
+    fs: Fs,
     /// Appends from this process go one at a time: the shared lock is per open file, so one
     /// thread's unlock would otherwise end another's.
-    file: Mutex<File>,
+    file: Mutex<Handle>,
     /// How many changes in this process keep the shared lock between their intent and their
     /// entry ([`Journal::intent_held`]); the lock is released when the last one ends. Read and
     /// written only with `file` locked.
     holds: std::sync::atomic::AtomicUsize,
     boot: Boot,
     lock_timeout: Duration,
+    pub(crate) thresholds: Thresholds,
 }
 
 /// A change under way: this process keeps its shared lock on the journal from the change's
@@ -118,66 +116,12 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let f = self.journal.file.lock().unwrap_or_else(|p| p.into_inner());
-        if self.journal.holds.fetch_sub(1, Relaxed) == 1
-            && let Err(e) = f.unlock()
+        let j = self.journal;
+        let f = j.file.lock().unwrap_or_else(|p| p.into_inner());
+        if j.holds.fetch_sub(1, Relaxed) == 1
+            && let Err(e) = j.fs.unlock(&f, &j.path)
         {
             tracing::warn!(error = %e, "could not unlock the journal");
-        }
-    }
-}
-
-fn open_journal_file(path: &Path, create: bool) -> std::io::Result<File> {
-    let mut oo = std::fs::OpenOptions::new();
-    oo.read(true).append(true).create(create);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        oo.mode(crate::fs::FILE_MODE);
-        oo.custom_flags(libc::O_NOFOLLOW);
-    }
-    oo.open(path)
-}
-
-fn read_at(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let Some(rest) = buf.get_mut(got..) else {
-            break;
-        };
-        #[cfg(unix)]
-        let n = std::os::unix::fs::FileExt::read_at(f, rest, off + got as u64)?;
-        #[cfg(not(unix))]
-        let n = {
-            let _ = (f, rest);
-            0
-        };
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    buf.truncate(got);
-    Ok(buf)
-}
-
-/// Takes a lock within `timeout`; `shared` for appenders, exclusive to reset or compact.
-fn lock_within(f: &File, shared: bool, timeout: Duration) -> std::io::Result<bool> {
-    let start = Instant::now();
-    loop {
-        let r = if shared {
-            f.try_lock_shared()
-        } else {
-            f.try_lock()
-        };
-        match r {
-            Ok(()) => return Ok(true),
-            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
         }
     }
 }
@@ -186,22 +130,31 @@ impl Journal {
     /// Opens the store's journal, creating it when `create` is set. A journal written in
     /// another boot (or damaged) is reset to an empty one with a new generation first.
     /// `Ok(None)` when there is no journal to open, or this system cannot tell its boots apart.
-    pub(crate) fn open(root: &Path, create: bool, lock_timeout: Duration) -> Result<Option<Self>> {
-        let Some(boot) = current_boot() else {
+    pub(crate) fn open(
+        backend: Arc<dyn Backend>,
+        root: &Path,
+        create: bool,
+        lock_timeout: Duration,
+        thresholds: Thresholds,
+    ) -> Result<Option<Self>> {
+        let fs = Fs::new(backend);
+        let Some(boot) = fs.boot().map(boot_of) else {
             return Ok(None);
         };
         let path = root.join(JOURNAL_FILE);
-        let file = match open_journal_file(&path, create) {
+        let file = match fs.open_append(&path, create) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
-            Err(e) => return Err(Error::io("open", &path, e)),
+            Err(e) if e.is_not_found_io() && !create => return Ok(None),
+            Err(e) => return Err(e),
         };
         let j = Journal {
             path,
+            fs,
             file: Mutex::new(file),
             holds: std::sync::atomic::AtomicUsize::new(0),
             boot,
             lock_timeout,
+            thresholds,
         };
         if !j.of_this_boot() {
             j.reset(false)?;
@@ -209,21 +162,29 @@ impl Journal {
         Ok(Some(j))
     }
 
+    /// Reads up to `len` bytes at `off`.
+    fn read_at(&self, f: &Handle, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len);
+        self.fs.read_at(f, &self.path, off, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The header, when it is whole.
+    fn header(&self) -> Option<JournalHeader> {
+        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let b = self.read_at(&f, 0, JOURNAL_HEADER_LEN).ok()?;
+        fmt::decode_journal_header(&b)
+    }
+
     /// The journal's generation, when its header is whole. The boot is checked once, when a
     /// process opens the journal: a wall-clock step while it runs must not look like a reboot.
     pub(crate) fn generation(&self) -> Option<[u8; 16]> {
-        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let b = read_at(&f, 0, JOURNAL_HEADER_LEN).ok()?;
-        fmt::decode_journal_header(&b).map(|h| h.generation)
+        self.header().map(|h| h.generation)
     }
 
     /// Whether the header is of this boot (checked when a process opens the journal).
     fn of_this_boot(&self) -> bool {
-        let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        read_at(&f, 0, JOURNAL_HEADER_LEN)
-            .ok()
-            .and_then(|b| fmt::decode_journal_header(&b))
-            .is_some_and(|h| h.boot.same(&self.boot))
+        self.header().is_some_and(|h| h.boot.same(&self.boot))
     }
 
     /// Starts the journal afresh with a new generation: when its header is not one of this
@@ -231,9 +192,8 @@ impl Journal {
     /// is cut; a header another process wrote meanwhile is kept unless `always`.
     pub(crate) fn reset(&self, always: bool) -> Result<()> {
         let path = &self.path;
-        let io = |op, e| Error::io(op, path, e);
-        let f = open_journal_file(path, false).map_err(|e| io("open", e))?;
-        if !lock_within(&f, false, self.lock_timeout).map_err(|e| io("lock", e))? {
+        let f = self.fs.open_append(path, false)?;
+        if !self.fs.lock_within(&f, path, false, self.lock_timeout)? {
             return Err(crate::error::ErrorKind::Busy { path: path.clone() }.into());
         }
         let r = (|| {
@@ -244,13 +204,13 @@ impl Journal {
                 generation: *uuid::Uuid::new_v4().as_bytes(),
                 boot: self.boot,
             };
-            f.set_len(0).map_err(|e| io("truncate", e))?;
-            (&f).write_all(&fmt::encode_journal_header(&h))
-                .map_err(|e| io("write", e))?;
+            self.fs.set_len(&f, path, 0)?;
+            self.fs
+                .write_all(&f, path, &fmt::encode_journal_header(&h))?;
             tracing::debug!(path = %path.display(), "journal started afresh");
             Ok(())
         })();
-        let u = f.unlock().map_err(|e| io("unlock", e));
+        let u = self.fs.unlock(&f, path);
         r.and(u)
     }
 
@@ -267,15 +227,12 @@ impl Journal {
     fn append_keep(&self, frame: &[u8], keep: bool) -> Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let io = |op, e| Error::io(op, &self.path, e);
+        let path = &self.path;
         let held = self.holds.load(Relaxed) > 0;
-        if !held && !lock_within(&f, true, self.lock_timeout).map_err(|e| io("lock", e))? {
-            return Err(crate::error::ErrorKind::Busy {
-                path: self.path.clone(),
-            }
-            .into());
+        if !held && !self.fs.lock_within(&f, path, true, self.lock_timeout)? {
+            return Err(crate::error::ErrorKind::Busy { path: path.clone() }.into());
         }
-        let r = (&*f).write_all(frame).map_err(|e| io("append", e));
+        let r = self.fs.write_all(&f, path, frame);
         if keep && r.is_ok() {
             self.holds.fetch_add(1, Relaxed);
             return Ok(());
@@ -283,7 +240,7 @@ impl Journal {
         if held {
             return r;
         }
-        let u = f.unlock().map_err(|e| io("unlock", e));
+        let u = self.fs.unlock(&f, path);
         r.and(u)
     }
 
@@ -321,13 +278,11 @@ impl Journal {
 
     /// After intents could not be journaled (`e`): deletes the index so it never goes stale.
     fn lost_intents(&self, root: &Path, transfers: usize, e: Error) -> Result<()> {
-        let index = root.join(INDEX_FILE);
-        match std::fs::remove_file(&index) {
+        match self.fs.remove_file(&root.join(INDEX_FILE)) {
             Ok(()) => {
                 tracing::warn!(transfers, error = %e, "could not journal a change; the index was deleted and will be rebuilt");
                 Ok(())
             }
-            Err(r) if r.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(_) => Err(e),
         }
     }
@@ -339,7 +294,7 @@ impl Journal {
     pub(crate) fn after(&self, root: &Path, id: TransferId) {
         if let Err(e) = self.append_intent(id) {
             tracing::warn!(transfer = %id, error = %e, "could not journal a change; deleting the index so it is rebuilt");
-            let _ = std::fs::remove_file(root.join(INDEX_FILE));
+            let _ = self.fs.remove_file(&root.join(INDEX_FILE));
         }
     }
 
@@ -357,18 +312,46 @@ impl Journal {
         }
     }
 
-    fn len(&self) -> std::io::Result<u64> {
+    fn len(&self) -> Result<u64> {
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.metadata().map(|m| m.len())
+        self.fs.len(&f, &self.path)
     }
 
-    fn read_from(&self, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    fn read_from(&self, off: u64, len: u64) -> Result<Vec<u8>> {
         let f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        read_at(
+        self.read_at(
             &f,
             off,
             usize::try_from(len.saturating_sub(off)).unwrap_or(0),
         )
+    }
+
+    /// Starts the journal afresh with a new generation if it is still `end` bytes long (no
+    /// frame was appended since), under the exclusive lock. Returns the new generation; `None`
+    /// when another process holds a lock on it or it grew.
+    fn cut_back(&self, end: u64) -> Result<Option<[u8; 16]>> {
+        let path = &self.path;
+        let f = self.fs.open_append(path, false)?;
+        if !self.fs.try_lock(&f, path)? {
+            return Ok(None);
+        }
+        // Appenders wait on this lock: it covers the check and the cut, never a sync.
+        let r = (|| -> Result<Option<[u8; 16]>> {
+            if self.fs.len(&f, path)? != end {
+                return Ok(None);
+            }
+            let h = JournalHeader {
+                generation: *uuid::Uuid::new_v4().as_bytes(),
+                boot: self.boot,
+            };
+            self.fs.set_len(&f, path, 0)?;
+            self.fs
+                .write_all(&f, path, &fmt::encode_journal_header(&h))?;
+            Ok(Some(h.generation))
+        })();
+        let u = self.fs.unlock(&f, path);
+        let cut = r?;
+        u.map(|()| cut)
     }
 }
 
@@ -393,8 +376,7 @@ struct Reread {
 /// unreadable (corrupt) manifest; anything under its name that is not a directory is not a
 /// record. Never follows symlinks (the paths are built from the id; files open `O_NOFOLLOW`)
 /// and bounds every read. I/O errors other than "not found" are errors.
-fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
-    use std::io::ErrorKind::NotFound;
+fn reread(fs: &Fs, root: &Path, id: TransferId) -> Result<Reread> {
     let name = id.to_string();
     let dir = root.join(TRANSFERS).join(&name);
     let gone = |settled| {
@@ -403,59 +385,48 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
             settled,
         })
     };
-    let before = match std::fs::symlink_metadata(&dir) {
+    let before = match fs.lstat(&dir) {
         Ok(m) if m.is_dir() => m,
         Ok(_) => return gone(true),
-        Err(e) if e.kind() == NotFound => {
+        Err(e) if e.is_not_found_io() => {
             // A create not yet renamed into place: its builder holds `staging/<id>/state`
             // locked from before its intent until after its entry.
             let st = root.join(STAGING).join(&name).join(STATE);
-            let building = match open_no_follow(&st) {
-                Ok(f) => match f.try_lock() {
-                    Ok(()) => false,
-                    Err(std::fs::TryLockError::WouldBlock) => true,
-                    Err(std::fs::TryLockError::Error(e)) => return Err(e),
-                },
-                Err(e) if e.kind() == NotFound => false,
-                Err(e) if e.raw_os_error() == Some(libc_eloop()) => false,
+            let building = match fs.open_read(&st) {
+                Ok(f) => !fs.try_lock(&f, &st)?,
+                Err(e) if e.is_not_found_io() || e.is_corrupt() => false,
                 Err(e) => return Err(e),
             };
             return gone(!building);
         }
         Err(e) => return Err(e),
     };
-    let fs = crate::fs::Fs::default();
-    let as_io = |e: Error| std::io::Error::other(e.to_string());
     let state_path = dir.join(STATE);
     let mut settled = true;
     let state = match fs.open_read(&state_path) {
         Ok(f) => {
-            settled = fs.try_lock(&f, &state_path).map_err(as_io)?;
-            newest_slot(&fs.read_state_slots(&f, &state_path).map_err(as_io)?)
+            settled = fs.try_lock(&f, &state_path)?;
+            crate::state_file::newest_slot(&crate::state_file::read_slots(fs, &f, &state_path)?)
         }
-        Err(e) if e.is_corrupt() => Vec::new(),
-        Err(e) if e.is_not_found_io() => Vec::new(),
-        Err(e) => return Err(as_io(e)),
+        Err(e) if e.is_corrupt() || e.is_not_found_io() => Vec::new(),
+        Err(e) => return Err(e),
     };
     // Moved away meanwhile (a removal, under its lock): read again after the change.
-    if !fs
-        .same_entry(&dir, &crate::fs::Meta::from_std(&before))
-        .map_err(as_io)?
-    {
+    if !fs.same_entry(&dir, &before)? {
         return gone(false);
     }
     let manifest = match fs.read_bounded(&dir.join(MANIFEST), crate::format::manifest::MAX_FILE) {
         Ok(b) => b,
         Err(e) if e.is_corrupt() || e.is_not_found_io() => Vec::new(),
-        Err(e) => return Err(as_io(e)),
+        Err(e) => return Err(e),
     };
     // The record's facts decode the manifest once; they say whether it is a (valid) download.
     let mut record = IndexRecord::new(*id.as_bytes(), false, &state, &manifest);
     let download = fmt::Facts::decode(record.facts()).is_some_and(|f| f.download);
     record.resume = download
-        && match std::fs::symlink_metadata(dir.join(RESUME)) {
+        && match fs.lstat(&dir.join(RESUME)) {
             Ok(m) => m.is_file(),
-            Err(e) if e.kind() == NotFound => false,
+            Err(e) if e.is_not_found_io() => false,
             Err(e) => return Err(e),
         };
     Ok(Reread {
@@ -464,39 +435,39 @@ fn reread(root: &Path, id: TransferId) -> std::io::Result<Reread> {
     })
 }
 
-fn open_no_follow(path: &Path) -> std::io::Result<File> {
-    let mut oo = std::fs::OpenOptions::new();
-    oo.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        oo.custom_flags(libc::O_NOFOLLOW);
-    }
-    oo.open(path)
+/// `index.redb` as redb sees it: pages read, written and synced through the seam, so the
+/// simulator and the fault injector see every one. It holds the file's exclusive lock from
+/// before redb opens it until redb closes it, as redb's own file backend does.
+#[derive(Debug)]
+struct IndexFile {
+    b: Arc<dyn Backend>,
+    h: Handle,
 }
 
-fn libc_eloop() -> i32 {
-    #[cfg(unix)]
-    {
-        libc::ELOOP
+impl redb::StorageBackend for IndexFile {
+    fn len(&self) -> std::io::Result<u64> {
+        self.b.fstat(&self.h).map(|m| m.len)
     }
-    #[cfg(not(unix))]
-    {
-        -1
-    }
-}
 
-/// The newest valid slot of a state file's bytes (header and body), or nothing.
-pub(crate) fn newest_slot(bytes: &[u8]) -> Vec<u8> {
-    let slots = state_fmt::decode_file(bytes);
-    let Some((i, _)) = slots.newest() else {
-        return Vec::new();
-    };
-    let region = bytes
-        .get(i * state_fmt::SLOT_CAPACITY..)
-        .unwrap_or_default();
-    let len = state_fmt::slot_len_hint(region).unwrap_or(0) + state_fmt::SLOT_HEADER_LEN;
-    region.get(..len).unwrap_or_default().to_vec()
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.b.read_exact_at(&self.h, offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.b.set_len(&self.h, len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.b.sync_data(&self.h)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.b.write_at(&self.h, offset, data)
+    }
+
+    fn close(&self) -> std::io::Result<()> {
+        self.b.unlock(&self.h)
+    }
 }
 
 /// The index, held open by this process.
@@ -506,26 +477,14 @@ pub(crate) struct Index {
     /// The index file's (device, inode) when opened: another file there means this one was
     /// deleted (a process that could not journal a change does that).
     ident: (u64, u64),
+    /// The index's own view of the store's backend: its failures drop or rebuild the index,
+    /// never poison the store.
+    fs: Fs,
 }
 
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Index").field("path", &self.path).finish()
-    }
-}
-
-fn ident(path: &Path) -> Option<(u64, u64)> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt as _;
-        std::fs::symlink_metadata(path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = path;
-        None
     }
 }
 
@@ -537,6 +496,9 @@ pub(crate) struct Listing {
     /// With [`Sync::Facts`], when some records hold less than their whole files: where the
     /// rest is read.
     pub(crate) wholes: Option<Wholes>,
+    /// Whether the index was rebuilt from the directories (else it was read and brought up to
+    /// date from the journal).
+    pub(crate) rebuilt: bool,
 }
 
 /// What [`Index::sync`] is for. Either way the index is rebuilt when it does not follow the
@@ -555,21 +517,28 @@ pub(crate) enum Sync {
 
 impl Index {
     /// Opens (or creates) the index. `Ok(None)` while another process holds it.
-    pub(crate) fn open(root: &Path) -> Result<Option<Index>> {
+    pub(crate) fn open(backend: Arc<dyn Backend>, root: &Path) -> Result<Option<Index>> {
+        let fs = Fs::new(backend);
         let path = root.join(INDEX_FILE);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
-            // redb would follow a symlink; the index is only ever a file of ours.
+        if fs.lstat(&path).is_ok_and(|m| !m.is_file()) {
+            // The index is only ever a file of ours.
             tracing::warn!(path = %path.display(), "index is not a regular file; removing it");
-            std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+            fs.remove_tree(&path)?;
         }
         for attempt in 0..2 {
+            let (h, _) = fs.open_or_create(&path)?;
+            if !fs.try_lock(&h, &path)? {
+                return Ok(None);
+            }
+            let (dev, ino, _, _) = fs.identity(&h, &path)?;
+            let file = IndexFile { b: fs.backend(), h };
             // redb asserts on some damaged files (a truncated one, for instance): a panic there
             // is a damaged index like any other (with `panic = "abort"` it stays a crash).
-            let opened = std::panic::catch_unwind(|| {
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 redb::Builder::new()
                     .set_cache_size(CACHE_BYTES)
-                    .create(&path)
-            })
+                    .create_with_backend(file)
+            }))
             .unwrap_or_else(|_| {
                 Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
                     "redb panicked opening the index".into(),
@@ -577,15 +546,16 @@ impl Index {
             });
             match opened {
                 Ok(db) => {
-                    let ident = ident(&path).unwrap_or((0, 0));
-                    return Ok(Some(Index { db, path, ident }));
+                    return Ok(Some(Index {
+                        db,
+                        path,
+                        ident: (dev, ino),
+                        fs,
+                    }));
                 }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(None),
                 Err(e) if attempt == 0 => {
                     tracing::warn!(path = %path.display(), error = %e, "index unreadable; deleting it to rebuild");
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        return Err(Error::io("remove", &path, e));
-                    }
+                    fs.remove_file(&path)?;
                 }
                 Err(e) => {
                     return Err(Error::io(
@@ -601,7 +571,9 @@ impl Index {
 
     /// Whether the file at the index's path is still the one this handle has open.
     pub(crate) fn still_in_place(&self) -> bool {
-        ident(&self.path) == Some(self.ident)
+        self.fs
+            .lstat(&self.path)
+            .is_ok_and(|m| (m.dev, m.ino) == self.ident)
     }
 
     fn meta(&self) -> std::result::Result<Option<IndexMeta>, redb::Error> {
@@ -726,9 +698,7 @@ impl Index {
             }
             // Damaged frames (or a header not of this boot): nothing after them can be trusted.
             tracing::warn!(path = %journal.path.display(), "journal damaged; starting it afresh and rebuilding the index");
-            journal
-                .reset(true)
-                .map_err(|e| redb::Error::Io(std::io::Error::other(e.to_string())))?;
+            journal.reset(true).map_err(db_err)?;
         }
         Err(redb::Error::Io(std::io::Error::other(
             "the journal stays damaged",
@@ -744,7 +714,7 @@ impl Index {
         let Some(generation) = journal.generation() else {
             return Ok(None);
         };
-        let end = journal.len().map_err(redb::Error::Io)?;
+        let end = journal.len().map_err(db_err)?;
         if end > MAX_JOURNAL_BYTES {
             // Far longer than any holder lets it grow (none held the index for a long time, or
             // someone inflated it): cheaper to start afresh and read the directories.
@@ -755,7 +725,7 @@ impl Index {
         });
         if let Some(m) = &meta
             && mode == Sync::Refresh
-            && end.saturating_sub(m.consumed) < CHECKPOINT_BYTES
+            && end.saturating_sub(m.consumed) < journal.thresholds.checkpoint
         {
             // Too short a tail to be written into the index yet: it is read (and checked)
             // when records are, not at every open and close.
@@ -763,19 +733,18 @@ impl Index {
                 records: None,
                 unknown: m.unknown.clone(),
                 wholes: None,
+                rebuilt: false,
             }));
         }
         let tail = match &meta {
-            Some(m) => journal
-                .read_from(m.consumed, end)
-                .map_err(redb::Error::Io)?,
+            Some(m) => journal.read_from(m.consumed, end).map_err(db_err)?,
             None => Vec::new(),
         };
         let base = meta.as_ref().map_or(0, |m| m.consumed);
         let Some((mut last, mut parsed)) = parse_tail(&tail, base) else {
             return Ok(None);
         };
-        let long = parsed.saturating_sub(base) >= CHECKPOINT_BYTES;
+        let long = parsed.saturating_sub(base) >= journal.thresholds.checkpoint;
         if let Some(m) = &meta
             && mode == Sync::Refresh
             && !long
@@ -784,6 +753,7 @@ impl Index {
                 records: None,
                 unknown: m.unknown.clone(),
                 wholes: None,
+                rebuilt: false,
             }));
         }
         let mut dirty: BTreeSet<u16> = last.keys().map(fmt::chunk_of).collect();
@@ -807,10 +777,10 @@ impl Index {
                 // change may have been under way. The frames' contents are not used: the
                 // directories may have been changed behind the journal's back (which is one
                 // reason to rebuild).
-                let (records, unknown) = rebuild(root)?;
+                let (records, unknown) = rebuild(&self.fs, root).map_err(db_err)?;
                 let tail = journal
                     .read_from(JOURNAL_HEADER_LEN as u64, end)
-                    .map_err(redb::Error::Io)?;
+                    .map_err(db_err)?;
                 let Some((l, p)) = parse_tail(&tail, JOURNAL_HEADER_LEN as u64) else {
                     return Ok(None);
                 };
@@ -857,12 +827,12 @@ impl Index {
                     // never changes), the state's derived anew.
                     (None, Some(old)) => match old.with_state(body.resume, &body.state) {
                         Some(r) => Some(r),
-                        None => reread(root, tid)?.record,
+                        None => reread(&self.fs, root, tid).map_err(db_err)?.record,
                     },
-                    (None, None) => reread(root, tid)?.record,
+                    (None, None) => reread(&self.fs, root, tid).map_err(db_err)?.record,
                 },
                 Last::Intent(at) => {
-                    let r = reread(root, tid)?;
+                    let r = reread(&self.fs, root, tid).map_err(db_err)?;
                     if !r.settled {
                         unsettled = Some(unsettled.map_or(at, |u| u.min(at)));
                     }
@@ -879,37 +849,33 @@ impl Index {
             meta.consumed = consumed;
             self.write(&records, (!rebuilt).then_some(&dirty), &meta)?;
         }
-        if write && consumed == end && end > COMPACT_BYTES {
+        if write && consumed == end && end > journal.thresholds.compact {
             self.compact(journal, end, &mut meta)?;
         }
-        let wholes = tx.filter(|_| !rebuilt).map(|tx| Wholes::new(tx, root));
+        let wholes = tx
+            .filter(|_| !rebuilt)
+            .map(|tx| Wholes::new(tx, Fs::new(self.fs.backend()), root));
         Ok(Some(Listing {
             records: (mode != Sync::Refresh).then_some(records),
             unknown: meta.unknown,
             wholes,
+            rebuilt,
         }))
     }
 
-    /// Cuts a fully consumed journal back to its header, unless a frame was appended since.
-    /// The index is told first: a crash in between only replays frames already applied.
+    /// Starts a fully consumed journal afresh (a new generation), unless a frame was appended
+    /// since, then tells the index.
     fn compact(
         &self,
         journal: &Journal,
         end: u64,
         meta: &mut IndexMeta,
     ) -> std::result::Result<(), redb::Error> {
-        let f = open_journal_file(&journal.path, false)?;
-        match f.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Ok(()),
-            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-        }
-        // Appenders wait on this lock: it covers the check and the cut, never a sync. A crash
-        // before the commit below leaves `consumed` past the cut journal's frames, which makes
-        // the next holder rebuild.
-        let cut = f.metadata()?.len() == end && f.set_len(JOURNAL_HEADER_LEN as u64).is_ok();
-        f.unlock()?;
-        if cut {
+        // The cut journal has a new generation: a holder killed before the commit below finds
+        // the index of the old one and rebuilds, never reading the new frames from an offset
+        // of the old.
+        if let Some(generation) = journal.cut_back(end).map_err(db_err)? {
+            meta.generation = generation;
             meta.consumed = JOURNAL_HEADER_LEN as u64;
             let mut tx = self.db.begin_write()?;
             tx.set_quick_repair(true);
@@ -1003,6 +969,7 @@ fn decode_chunks(
 /// and the index is marked [damaged](Wholes::damaged).
 pub(crate) struct Wholes {
     tx: redb::ReadTransaction,
+    fs: Fs,
     root: PathBuf,
     /// The chunks read last, the newest last.
     chunks: Mutex<Vec<(u16, Option<Vec<IndexRecord>>)>>,
@@ -1019,9 +986,10 @@ impl std::fmt::Debug for Wholes {
 }
 
 impl Wholes {
-    fn new(tx: redb::ReadTransaction, root: &Path) -> Wholes {
+    fn new(tx: redb::ReadTransaction, fs: Fs, root: &Path) -> Wholes {
         Wholes {
             tx,
+            fs,
             root: root.to_path_buf(),
             chunks: Mutex::new(Vec::with_capacity(WHOLE_CHUNKS_KEPT + 1)),
             damaged: std::sync::atomic::AtomicBool::new(false),
@@ -1081,7 +1049,7 @@ impl Wholes {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let id = TransferId::from_bytes(id);
         tracing::warn!(%id, "index lacks a whole record its facts name; reading its directory");
-        match reread(&self.root, id) {
+        match reread(&self.fs, &self.root, id) {
             Ok(r) => r.record,
             Err(e) => {
                 tracing::warn!(%id, error = %e, "reading a transfer's directory");
@@ -1122,16 +1090,13 @@ fn parse_tail(tail: &[u8], base: u64) -> Option<(HashMap<[u8; 16], Last>, u64)> 
 
 /// Reads every transfer directory: the records in id order, and the names that are not
 /// transfers (not a canonical id, or not a directory), as [`crate::Store::scan`] sorts them.
-fn rebuild(root: &Path) -> std::io::Result<(Vec<IndexRecord>, Vec<String>)> {
+fn rebuild(fs: &Fs, root: &Path) -> Result<(Vec<IndexRecord>, Vec<String>)> {
     let mut records = Vec::new();
     let mut unknown = Vec::new();
-    for e in std::fs::read_dir(root.join(TRANSFERS))? {
-        let e = e?;
-        let name = e.file_name();
-        let dir = e.file_type()?.is_dir();
-        match name.to_str().and_then(TransferId::parse_canonical) {
-            Some(id) if dir => records.extend(reread(root, id)?.record),
-            _ => unknown.push(name.to_string_lossy().into_owned()),
+    for e in fs.list(&root.join(TRANSFERS))? {
+        match e.name.to_str().and_then(TransferId::parse_canonical) {
+            Some(id) if e.is_dir => records.extend(reread(fs, root, id)?.record),
+            _ => unknown.push(e.name.to_string_lossy().into_owned()),
         }
     }
     records.sort_unstable_by_key(|r| r.id);
@@ -1147,6 +1112,16 @@ mod tests {
     use crate::{
         Durability, ErrorClass, Filter, NewTransfer, Store, TaskBinding, Transfer, UploadSource,
     };
+
+    /// Small journal thresholds, so a few changes reach a checkpoint and a cut-back.
+    const SMALL: Thresholds = Thresholds {
+        checkpoint: 2 * 1024,
+        compact: 4 * 1024,
+    };
+
+    fn small() -> crate::StoreBuilder {
+        Store::builder().journal_thresholds(SMALL.checkpoint, SMALL.compact)
+    }
 
     proptest::proptest! {
         /// Applying the journal's changes in place (replacements) and by one merge (added and
@@ -1232,7 +1207,7 @@ mod tests {
         use crate::{ErrorClass, Request, RetryPolicy};
         use std::time::Duration;
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         let now = crate::format::from_ms(1_900_000_000_000);
         let mk = |t: NewTransfer| s.create(t).unwrap();
         let dl = |i: usize| NewTransfer::download(format!("https://x/f{i}"));
@@ -1311,7 +1286,7 @@ mod tests {
         .unwrap();
         // Damage behind the journal's back: the index learns of it when rebuilt.
         std::fs::remove_file(d.path().join(INDEX_FILE)).unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         let truth = s.scan().unwrap().transfers;
         assert_plans_match(&s, &truth, "states");
         // Tasks that find their records each way there is.
@@ -1373,12 +1348,18 @@ mod tests {
             let root = d.path().join("store");
             copy_tree(&fixtures.join("store"), &root);
             // A journal of this boot, then the old index made to follow it.
-            drop(Store::builder().index(false).open(&root).unwrap());
-            let generation = Journal::open(&root, false, Duration::from_secs(1))
-                .unwrap()
-                .unwrap()
-                .generation()
-                .unwrap();
+            drop(small().index(false).open(&root).unwrap());
+            let generation = Journal::open(
+                Arc::new(crate::fs::Real),
+                &root,
+                false,
+                Duration::from_secs(1),
+                SMALL,
+            )
+            .unwrap()
+            .unwrap()
+            .generation()
+            .unwrap();
             std::fs::copy(
                 fixtures.join(format!("index-v{old}.redb")),
                 root.join(INDEX_FILE),
@@ -1404,7 +1385,7 @@ mod tests {
                 }
                 tx.commit().unwrap();
             }
-            let holder = Store::open(&root).unwrap();
+            let holder = small().open(&root).unwrap();
             assert_eq!(holder.list(&Filter::all()).unwrap().len(), 4);
             assert_follows(&holder, &format!("an index of version {old}"));
             drop(holder);
@@ -1439,7 +1420,7 @@ mod tests {
     #[test]
     fn planning_reads_the_facts_table_and_the_rest_on_demand() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         let ids = ids(40, &s);
         for (k, &id) in ids.iter().enumerate() {
             match k % 5 {
@@ -1454,7 +1435,7 @@ mod tests {
         drop(s);
         // Written into the index whole (a rebuild), then read back as facts.
         std::fs::remove_file(d.path().join(INDEX_FILE)).unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         assert_eq!(holds(&s), (40, 0, 0));
         let truth = s.scan().unwrap().transfers;
         assert_plans_match(&s, &truth, "facts table");
@@ -1480,7 +1461,7 @@ mod tests {
             tx.open_table(CHUNKS).unwrap().retain(|_, _| false).unwrap();
             tx.commit().unwrap();
         }
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         let (records, corrupt) = whole_records(&s);
         let now = crate::format::from_ms(1_900_000_000_000);
         let opts = crate::ReconcileOptions::default();
@@ -1527,8 +1508,8 @@ mod tests {
     #[test]
     fn the_index_follows_changes_from_a_handle_that_does_not_hold_it() {
         let d = tempfile::tempdir().unwrap();
-        let holder = Store::open(d.path()).unwrap();
-        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let holder = small().open(d.path()).unwrap();
+        let other = small().index(false).open(d.path()).unwrap();
         assert!(
             holder.held.lock().unwrap().is_some(),
             "the first handle holds the index"
@@ -1581,7 +1562,7 @@ mod tests {
         }
         drop(holder);
         drop(other);
-        let again = Store::open(d.path()).unwrap();
+        let again = small().open(d.path()).unwrap();
         assert_follows(&again, "reopened");
         // A damaged manifest, found by a rebuild: quarantined alike from the index and the
         // directories.
@@ -1599,7 +1580,7 @@ mod tests {
         bytes[last] ^= 0x40;
         std::fs::write(victim.unwrap(), bytes).unwrap();
         std::fs::remove_file(d.path().join(INDEX_FILE)).unwrap();
-        let again = Store::open(d.path()).unwrap();
+        let again = small().open(d.path()).unwrap();
         assert_eq!(again.gather(true).unwrap().corrupt.len(), 1);
         assert_follows(&again, "a damaged manifest");
     }
@@ -1629,10 +1610,10 @@ mod tests {
     #[test]
     fn a_change_killed_before_its_entry_is_read_from_the_directory() {
         let d = tempfile::tempdir().unwrap();
-        let holder = Store::open(d.path()).unwrap();
+        let holder = small().open(d.path()).unwrap();
         let id = ids(1, &holder)[0];
         holder.list(&Filter::all()).unwrap();
-        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let other = small().index(false).open(d.path()).unwrap();
         let before = frames(d.path()).len();
         let b = TaskBinding {
             session: crate::DEFAULT_SESSION.into(),
@@ -1654,10 +1635,10 @@ mod tests {
     #[test]
     fn a_batch_killed_before_its_entries_is_read_from_the_directories() {
         let d = tempfile::tempdir().unwrap();
-        let holder = Store::open(d.path()).unwrap();
+        let holder = small().open(d.path()).unwrap();
         ids(1, &holder);
         holder.list(&Filter::all()).unwrap();
-        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let other = small().index(false).open(d.path()).unwrap();
         let before = frames(d.path()).len();
         let batch = other
             .create_batch(
@@ -1688,7 +1669,7 @@ mod tests {
     #[test]
     fn a_deleted_or_damaged_index_is_rebuilt_from_the_directories() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         ids(5, &s);
         let want = s.list(&Filter::all()).unwrap();
         drop(s);
@@ -1702,7 +1683,7 @@ mod tests {
                 }
                 _ => std::fs::remove_file(&index).unwrap(),
             }
-            let s = Store::open(d.path()).unwrap();
+            let s = small().open(d.path()).unwrap();
             assert_eq!(s.list(&Filter::all()).unwrap(), want, "{damage}");
             drop(s);
         }
@@ -1721,7 +1702,7 @@ mod tests {
     #[test]
     fn a_journal_from_another_boot_is_never_trusted() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         let all = ids(4, &s);
         drop(s);
         // Lost in the power cut: a removal whose journal frames never reached the disk. Only
@@ -1732,7 +1713,7 @@ mod tests {
         )
         .unwrap();
         from_another_boot(d.path());
-        let s = Store::open(d.path()).unwrap();
+        let s = small().open(d.path()).unwrap();
         let listed: Vec<_> = s
             .list(&Filter::all())
             .unwrap()
@@ -1743,16 +1724,18 @@ mod tests {
         assert!(!listed.contains(&all[0]));
         assert_eq!(frames(d.path()).len(), 0, "the journal started afresh");
         let h = fmt::decode_journal_header(&std::fs::read(d.path().join(JOURNAL_FILE)).unwrap());
-        assert!(h.is_some_and(|h| h.boot.same(&current_boot().unwrap())));
+        assert!(h.is_some_and(|h| h.boot.same(&boot_of(
+            crate::fs::Backend::boot(&crate::fs::Real).unwrap()
+        ))));
     }
 
     #[test]
     fn a_damaged_frame_restarts_the_journal_and_rebuilds_the_index() {
         let d = tempfile::tempdir().unwrap();
-        let holder = Store::open(d.path()).unwrap();
+        let holder = small().open(d.path()).unwrap();
         let all = ids(3, &holder);
         holder.list(&Filter::all()).unwrap();
-        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let other = small().index(false).open(d.path()).unwrap();
         for id in &all {
             other.progress(*id, 1, None, Durability::Immediate).unwrap();
         }
@@ -1776,16 +1759,16 @@ mod tests {
     #[test]
     fn a_consumed_journal_is_cut_back_and_the_index_still_follows() {
         let d = tempfile::tempdir().unwrap();
-        let holder = Store::open(d.path()).unwrap();
+        let holder = small().open(d.path()).unwrap();
         let all = ids(4, &holder);
-        let other = Store::builder().index(false).open(d.path()).unwrap();
+        let other = small().index(false).open(d.path()).unwrap();
         for i in 0..40u64 {
             other
                 .progress(all[(i % 4) as usize], i, None, Durability::Immediate)
                 .unwrap();
         }
         let p = d.path().join(JOURNAL_FILE);
-        assert!(std::fs::metadata(&p).unwrap().len() > COMPACT_BYTES);
+        assert!(std::fs::metadata(&p).unwrap().len() > SMALL.compact);
         assert!(holder.release_index());
         assert_eq!(
             std::fs::metadata(&p).unwrap().len(),

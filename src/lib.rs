@@ -49,28 +49,14 @@
 )]
 
 mod check;
-#[cfg(any(test, feature = "fuzzing"))]
-#[cfg_attr(
-    not(test),
-    allow(
-        dead_code,
-        clippy::indexing_slicing,
-        clippy::unwrap_used,
-        reason = "test machinery, built outside tests only for the fuzz targets"
-    )
-)]
-mod crash;
 mod error;
-#[cfg(test)]
-mod faults;
 mod format;
 mod fs;
-#[cfg(any(test, feature = "fuzzing"))]
-#[doc(hidden)]
-pub mod fuzzing;
 mod group;
 mod index;
 mod reconcile;
+mod state_file;
+mod store;
 #[cfg(any(test, feature = "fuzzing"))]
 #[cfg_attr(
     not(test),
@@ -81,10 +67,13 @@ mod reconcile;
         reason = "test machinery, built outside tests only for the fuzz targets"
     )
 )]
-mod sim;
-mod store;
+mod testkit;
 mod transfer;
 mod value;
+
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub use testkit::fuzzing;
 
 pub use check::{CheckReport, GcReport, RecordPart, RepairReport, Stats, Unreadable};
 pub use error::{Corruption, Error, ErrorKind, Result};

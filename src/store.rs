@@ -57,6 +57,7 @@ pub struct StoreBuilder {
     batch_threads: usize,
     open_budget: Option<usize>,
     hold_index: bool,
+    journal_thresholds: crate::index::Thresholds,
     backend: Option<Arc<dyn crate::fs::Backend>>,
 }
 
@@ -87,6 +88,7 @@ impl Default for StoreBuilder {
                 .map_or(1, |n| n.get().min(MAX_BATCH_THREADS)),
             open_budget: None,
             hold_index: true,
+            journal_thresholds: crate::index::Thresholds::default(),
             backend: None,
         }
     }
@@ -211,6 +213,17 @@ impl StoreBuilder {
     #[cfg(test)]
     pub(crate) fn open_budget(mut self, n: usize) -> Self {
         self.open_budget = Some(n);
+        self
+    }
+
+    /// When the journal's changes are written into the index and the journal is cut back
+    /// (tests: small values, so short sequences reach both).
+    #[cfg(test)]
+    pub(crate) fn journal_thresholds(mut self, checkpoint: u64, compact: u64) -> Self {
+        self.journal_thresholds = crate::index::Thresholds {
+            checkpoint,
+            compact,
+        };
         self
     }
 
@@ -372,6 +385,13 @@ struct PendingProgress {
     last_flush: Instant,
 }
 
+/// How often a handle read the index, and how often it rebuilt it.
+#[derive(Debug, Default)]
+pub(crate) struct IndexTally {
+    pub(crate) read: std::sync::atomic::AtomicU64,
+    pub(crate) rebuilt: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Debug, Default)]
 struct TaskIndex {
     by_task: HashMap<(String, u64), TransferId>,
@@ -386,6 +406,8 @@ pub struct Store {
     index: Mutex<TaskIndex>,
     /// The derived index, while this handle holds it.
     pub(crate) held: Mutex<Option<crate::index::Index>>,
+    /// How often this handle read the index, and how often it rebuilt it from the directories.
+    pub(crate) index_tally: IndexTally,
     report: OpenReport,
     /// Started at the first coalesced report (`None` inside when it could not start).
     flusher: std::sync::OnceLock<Option<Flusher>>,
@@ -788,7 +810,7 @@ impl Core {
             Some(j) => j.intent_held(&self.root, id)?,
             None => None,
         };
-        let bytes = self.fs.read_state_slots(file, path)?;
+        let bytes = crate::state_file::read_slots(&self.fs, file, path)?;
         let (mut state, newest) = self.decode_state(id, path, &bytes);
         if newest.is_none() {
             tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
@@ -840,7 +862,7 @@ impl Core {
             // `f` may have changed files (resume data) or moved the directory away (a purge):
             // an entry only for a directory still in place; the intent covers the rest.
             if held.is_some() && self.fs.lstat(dir).is_ok_and(|m| m.is_dir()) {
-                let newest = crate::index::newest_slot(&bytes);
+                let newest = crate::state_file::newest_slot(&bytes);
                 self.journal_entry(held, id, &manifest, dir, newest);
             }
             tracing::debug!(transfer = %id, op, "no change");
@@ -1048,7 +1070,7 @@ impl Store {
     }
 
     fn open_with(cfg: StoreBuilder, root: &Path) -> Result<Store> {
-        let fs = cfg.backend.clone().map_or_else(Fs::default, Fs::new);
+        let fs = cfg.backend.clone().map_or_else(Fs::real, Fs::new);
         let mut report = OpenReport::default();
         if !cfg.create {
             // Nothing is created: the root must be a directory holding a `FORMAT` file.
@@ -1124,12 +1146,17 @@ impl Store {
         } else {
             None
         };
-        // The journal and the index exist on the real file system only.
         // A handle opened without `create` still changes transfers when asked to, so it
         // journals too: it creates the journal a format-2 store is missing (deleted by hand),
         // unless it cannot write there.
-        let journal = if cfg.backend.is_none() && version >= 2 {
-            match crate::index::Journal::open(root, true, cfg.lock_timeout) {
+        let journal = if version >= 2 {
+            match crate::index::Journal::open(
+                fs.backend(),
+                root,
+                true,
+                cfg.lock_timeout,
+                cfg.journal_thresholds,
+            ) {
                 Ok(j) => j,
                 Err(e) if !cfg.create => {
                     tracing::debug!(error = %e, "no journal for a handle opened without create");
@@ -1155,6 +1182,7 @@ impl Store {
             cfg,
             index: Mutex::new(TaskIndex::default()),
             held: Mutex::new(None),
+            index_tally: IndexTally::default(),
             report,
             flusher: std::sync::OnceLock::new(),
         };
@@ -1898,9 +1926,7 @@ impl Store {
         let slot = state_fmt::encode_slot(1, &State::new())?;
         self.core.fs.write_at(&state, &state_path, 0, &slot)?;
         if !shared {
-            let sf = state
-                .try_clone()
-                .map_err(|e| Error::io("duplicate handle", &state_path, e))?;
+            let sf = self.core.fs.dup(&state, &state_path)?;
             to_sync.push(ToSync {
                 file: sf,
                 path: state_path,
@@ -1922,7 +1948,7 @@ impl Store {
         let path = dir.join(STATE);
         let read = || -> Result<Vec<u8>> {
             match self.core.fs.open_read(&path) {
-                Ok(f) => self.core.fs.read_state_slots(&f, &path),
+                Ok(f) => crate::state_file::read_slots(&self.core.fs, &f, &path),
                 // Missing state: the transfer is being removed (NotFound), or the file was lost
                 // (rebuilt below).
                 Err(e) if e.is_not_found_io() => self.checked_dir(id).map(|_| Vec::new()),
@@ -2523,7 +2549,10 @@ impl Store {
         if wholes.is_some_and(crate::index::Wholes::damaged) {
             tracing::error!("index lacks whole records its facts name; deleting it to rebuild");
             *lock(&self.held) = None;
-            let _ = std::fs::remove_file(self.core.root.join(crate::index::INDEX_FILE));
+            let _ = self
+                .core
+                .fs
+                .remove_file(&self.core.root.join(crate::index::INDEX_FILE));
         }
     }
 
@@ -2582,7 +2611,10 @@ impl Store {
                 "index record facts do not decode; deleting the index to rebuild, reading the directories"
             );
             *lock(&self.held) = None;
-            let _ = std::fs::remove_file(self.core.root.join(crate::index::INDEX_FILE));
+            let _ = self
+                .core
+                .fs
+                .remove_file(&self.core.root.join(crate::index::INDEX_FILE));
         }
         viewed
     }
@@ -2599,7 +2631,7 @@ impl Store {
             *held = None;
         }
         if held.is_none() {
-            match crate::index::Index::open(&self.core.root) {
+            match crate::index::Index::open(self.core.fs.backend(), &self.core.root) {
                 Ok(i) => *held = i,
                 Err(e) => {
                     tracing::warn!(error = %e, "index unavailable; reading the directories");
@@ -2609,11 +2641,19 @@ impl Store {
         }
         let r = held.as_ref()?.sync(&self.core.root, journal, mode);
         match r {
-            Ok(l) => Some(l),
+            Ok(l) => {
+                let t = &self.index_tally;
+                let n = if l.rebuilt { &t.rebuilt } else { &t.read };
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Some(l)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "index failed; deleting it to rebuild, reading the directories");
                 *held = None;
-                let _ = std::fs::remove_file(self.core.root.join(crate::index::INDEX_FILE));
+                let _ = self
+                    .core
+                    .fs
+                    .remove_file(&self.core.root.join(crate::index::INDEX_FILE));
                 None
             }
         }
@@ -3151,6 +3191,7 @@ pub(crate) struct Gathered {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     #[test]
     fn store_is_send_and_sync() {
@@ -3159,43 +3200,38 @@ mod tests {
     }
 
     /// The real file system, counting every sync (data, directory, file system).
-    #[derive(Debug, Default)]
-    struct CountingAllSyncs(std::sync::atomic::AtomicU64);
-
-    impl crate::fs::Backend for CountingAllSyncs {
-        fn sync_data(&self, f: &Handle) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            crate::fs::Real.sync_data(f)
-        }
-        fn sync_dir(&self, f: &Handle) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            crate::fs::Real.sync_dir(f)
-        }
-        fn can_sync_fs(&self, f: &Handle) -> bool {
-            crate::fs::Real.can_sync_fs(f)
-        }
-        fn sync_fs(&self, f: &Handle) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            crate::fs::Real.sync_fs(f)
-        }
+    fn counting_all_syncs() -> (Arc<dyn crate::fs::Backend>, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&n);
+        let spy = crate::testkit::spy::Spy::new(move |c| {
+            if matches!(c.name, "sync_data" | "sync_dir" | "sync_fs") {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
+        });
+        (Arc::new(spy), n)
     }
 
     /// The real file system, recording which files (by inode) get an early write-back and a
     /// data sync, in order.
-    #[derive(Debug, Default)]
-    struct RecordingWriteBack(Mutex<Vec<(&'static str, u64)>>);
+    /// What [`recording_write_back`] records: ("start" or "sync", inode), in order.
+    type WriteBackLog = Arc<Mutex<Vec<(&'static str, u64)>>>;
 
-    impl crate::fs::Backend for RecordingWriteBack {
-        fn start_write_back(&self, f: &Handle) {
-            if let Ok(m) = crate::fs::Real.fstat(f) {
-                lock(&self.0).push(("start", m.ino));
+    fn recording_write_back() -> (Arc<dyn crate::fs::Backend>, WriteBackLog) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let rec = Arc::clone(&log);
+        let spy = crate::testkit::spy::Spy::new(move |c| {
+            let what = match c.name {
+                "start_write_back" => "start",
+                "sync_data" => "sync",
+                _ => return Ok(()),
+            };
+            if let Some(h) = c.handle {
+                lock(&rec).push((what, crate::fs::Backend::fstat(&crate::fs::Real, h)?.ino));
             }
-            crate::fs::Real.start_write_back(f);
-        }
-        fn sync_data(&self, f: &Handle) -> std::io::Result<()> {
-            lock(&self.0).push(("sync", crate::fs::Real.fstat(f)?.ino));
-            crate::fs::Real.sync_data(f)
-        }
+            Ok(())
+        });
+        (Arc::new(spy), log)
     }
 
     /// A single create starts the write-back of the files it wrote before its first sync, which
@@ -3206,9 +3242,9 @@ mod tests {
     #[test]
     fn a_create_starts_write_back_of_its_own_files_before_syncing_the_state_first() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let rec = Arc::new(RecordingWriteBack::default());
+        let (backend, rec) = recording_write_back();
         let store = Store::builder()
-            .backend(Arc::clone(&rec) as Arc<dyn crate::fs::Backend>)
+            .backend(backend)
             .open(dir.path().join("store"))?;
         let src = dir.path().join("photo.jpg");
         std::fs::write(&src, b"caller's bytes").map_err(|e| Error::io("write", &src, e))?;
@@ -3227,7 +3263,7 @@ mod tests {
             (crate::UploadSource::Bytes(b"ours".to_vec()), true),
         ];
         for (source, payload_ours) in sources {
-            lock(&rec.0).clear();
+            lock(&rec).clear();
             let id = store.create(NewTransfer::upload("https://example.com/u", source))?;
             let t = dir
                 .path()
@@ -3239,7 +3275,7 @@ mod tests {
                 ino(&t.join(STATE))?,
                 ino(&t.join(PAYLOAD))?,
             );
-            let events = lock(&rec.0).clone();
+            let events = lock(&rec).clone();
             let first_sync = events.iter().position(|e| e.0 == "sync");
             assert_eq!(
                 first_sync.and_then(|i| events.get(i)),
@@ -3276,9 +3312,9 @@ mod tests {
     fn a_batch_create_shares_its_syncs() -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let counter = Arc::new(CountingAllSyncs::default());
+        let (backend, counter) = counting_all_syncs();
         let store = Store::builder()
-            .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .backend(backend)
             .batch_threads(2)
             .open(dir.path())?;
         let syncfs = cfg!(any(target_os = "linux", target_os = "android"));
@@ -3289,12 +3325,12 @@ mod tests {
                 crate::UploadSource::Bytes(b"x".to_vec()),
             )
         };
-        let before = counter.0.load(SeqCst);
+        let before = counter.load(SeqCst);
         store.create(upload())?;
-        assert_eq!(counter.0.load(SeqCst) - before, 5, "one create");
-        let before = counter.0.load(SeqCst);
+        assert_eq!(counter.load(SeqCst) - before, 5, "one create");
+        let before = counter.load(SeqCst);
         let ids = store.create_batch((0..100).map(|_| upload()).collect())?;
-        let used = counter.0.load(SeqCst) - before;
+        let used = counter.load(SeqCst) - before;
         if syncfs {
             assert_eq!(used, 100u64.div_ceil(budget) + 1, "a batch of 100");
         } else {
@@ -3305,12 +3341,12 @@ mod tests {
             assert_eq!(store.get(id)?.manifest.payload.len(), 1);
         }
         // 1,100 members on two threads of 550: each thread's parts share half the budget.
-        let before = counter.0.load(SeqCst);
+        let before = counter.load(SeqCst);
         let items = (0..1100)
             .map(|i| NewTransfer::download(format!("https://example.com/{i}")))
             .collect();
         let ids = store.create_batch(items)?;
-        let used = counter.0.load(SeqCst) - before;
+        let used = counter.load(SeqCst) - before;
         if syncfs {
             assert_eq!(
                 used,
@@ -3339,10 +3375,10 @@ mod tests {
     fn coalesced_progress_is_synced_at_most_once_per_interval_and_within_one() -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let counter = Arc::new(CountingAllSyncs::default());
+        let (backend, counter) = counting_all_syncs();
         let interval = Duration::from_millis(100);
         let store = Store::builder()
-            .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .backend(backend)
             .flush_interval(interval)
             .open(dir.path())?;
         let ids = store.create_batch(
@@ -3350,7 +3386,7 @@ mod tests {
                 .map(|i| NewTransfer::download(format!("https://example.com/{i}")))
                 .collect(),
         )?;
-        let before = counter.0.load(SeqCst);
+        let before = counter.load(SeqCst);
         let run = Duration::from_millis(1000);
         let start = Instant::now();
         let mut reports = 0u64;
@@ -3361,7 +3397,7 @@ mod tests {
             }
         }
         let elapsed = start.elapsed();
-        let syncs = counter.0.load(SeqCst) - before;
+        let syncs = counter.load(SeqCst) - before;
         // One sync per transfer per whole interval that passed, plus one for a partial interval.
         let bound = ids.len() as u64 * (elapsed.as_millis() / interval.as_millis() + 1) as u64;
         assert!(
@@ -3384,21 +3420,23 @@ mod tests {
             assert_eq!(other.get(*id)?.state.bytes_done, *want);
         }
         assert!(
-            counter.0.load(SeqCst) - before - syncs <= ids.len() as u64,
+            counter.load(SeqCst) - before - syncs <= ids.len() as u64,
             "one write per transfer after the run"
         );
         Ok(())
     }
 
     /// The real file system, counting renames.
-    #[derive(Debug, Default)]
-    struct CountingRenames(std::sync::atomic::AtomicU64);
-
-    impl crate::fs::Backend for CountingRenames {
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            crate::fs::Real.rename(from, to)
-        }
+    fn counting_renames() -> (Arc<dyn crate::fs::Backend>, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&n);
+        let spy = crate::testkit::spy::Spy::new(move |c| {
+            if c.name == "rename" {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
+        });
+        (Arc::new(spy), n)
     }
 
     /// A batch larger than one part whose late member has a bad input (a missing upload
@@ -3408,9 +3446,9 @@ mod tests {
     fn a_multi_part_batch_with_a_bad_member_renames_nothing() -> Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let counter = Arc::new(CountingRenames::default());
+        let (backend, counter) = counting_renames();
         let store = Store::builder()
-            .backend(Arc::clone(&counter) as Arc<dyn crate::fs::Backend>)
+            .backend(backend)
             .open_budget(64)
             .open(dir.path())?;
         let good = |i: usize| NewTransfer::download(format!("https://example.com/{i}"));
@@ -3427,32 +3465,27 @@ mod tests {
         for b in bad {
             let mut items: Vec<NewTransfer> = (0..200).map(good).collect();
             items.insert(150, b);
-            let before = counter.0.load(SeqCst);
+            let before = counter.load(SeqCst);
             assert!(store.create_batch(items).is_err());
-            assert_eq!(counter.0.load(SeqCst), before, "no member was renamed");
+            assert_eq!(counter.load(SeqCst), before, "no member was renamed");
             assert!(store.list(&Filter::all())?.is_empty());
         }
         Ok(())
     }
 
-    /// The real file system, whose `n`-th rename fails.
-    #[derive(Debug)]
-    struct FailingRename {
-        renames: std::sync::atomic::AtomicU64,
-        fail_at: u64,
-    }
-
-    impl crate::fs::Backend for FailingRename {
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            let n = self
-                .renames
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                + 1;
-            if n == self.fail_at {
+    /// The real file system, whose `fail_at`-th rename fails.
+    fn failing_rename(fail_at: u64) -> (Arc<dyn crate::fs::Backend>, Arc<AtomicU64>) {
+        let n = Arc::new(AtomicU64::new(0));
+        let renames = Arc::clone(&n);
+        let spy = crate::testkit::spy::Spy::new(move |c| {
+            if c.name == "rename"
+                && renames.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == fail_at
+            {
                 return Err(std::io::Error::other("injected rename failure"));
             }
-            crate::fs::Real.rename(from, to)
-        }
+            Ok(())
+        });
+        (Arc::new(spy), n)
     }
 
     /// A batch built on two threads whose rename fails half way, after both threads have
@@ -3461,12 +3494,9 @@ mod tests {
     #[test]
     fn a_batch_failing_on_one_thread_rolls_back_every_thread() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let backend = Arc::new(FailingRename {
-            renames: Default::default(),
-            fail_at: 300,
-        });
+        let (backend, renames) = failing_rename(300);
         let store = Store::builder()
-            .backend(Arc::clone(&backend) as Arc<dyn crate::fs::Backend>)
+            .backend(backend)
             .batch_threads(2)
             .open_budget(64)
             .open(dir.path())?;
@@ -3480,7 +3510,7 @@ mod tests {
             "{err:?}"
         );
         assert!(
-            backend.renames.load(std::sync::atomic::Ordering::SeqCst) >= 300,
+            renames.load(std::sync::atomic::Ordering::SeqCst) >= 300,
             "the failure was reached"
         );
         assert!(store.list(&Filter::all())?.is_empty());

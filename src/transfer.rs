@@ -59,7 +59,7 @@ impl TransferId {
     /// A fresh random id.
     pub fn new_v4() -> Self {
         #[cfg(any(test, feature = "fuzzing"))]
-        if let Some(id) = seeded_ids::next() {
+        if let Some(id) = crate::testkit::seeded_ids::next() {
             return id;
         }
         TransferId(Uuid::new_v4())
@@ -96,35 +96,6 @@ impl TransferId {
     /// Builds an id from its raw 16 bytes.
     pub fn from_bytes(b: [u8; 16]) -> Self {
         TransferId(Uuid::from_bytes(b))
-    }
-}
-
-/// Ids drawn from a seed, so a test that replays a seed makes the same ids (and the store lists
-/// them in the same order).
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod seeded_ids {
-    use std::cell::Cell;
-
-    thread_local! {
-        static NEXT: Cell<Option<u64>> = const { Cell::new(None) };
-    }
-
-    /// Draws this thread's ids from `seed` from now on (`None`: random again).
-    pub(crate) fn seed(seed: Option<u64>) {
-        NEXT.with(|n| n.set(seed));
-    }
-
-    pub(super) fn next() -> Option<super::TransferId> {
-        NEXT.with(|n| {
-            let mut rng = crate::sim::Rng(n.get()?);
-            let hi = rng.next();
-            let lo = rng.next();
-            n.set(Some(rng.0));
-            let bytes = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
-            Some(super::TransferId(
-                uuid::Builder::from_random_bytes(bytes).into_uuid(),
-            ))
-        })
     }
 }
 

@@ -1552,7 +1552,7 @@ impl Store {
     }
 
     /// The records of `sessions` read from the directories, and the corrupt ids.
-    fn records(&self, sessions: &Sessions) -> Result<(Vec<Record>, Vec<TransferId>)> {
+    pub(crate) fn records(&self, sessions: &Sessions) -> Result<(Vec<Record>, Vec<TransferId>)> {
         let all = self.gather_scanned(true)?;
         let records = all
             .transfers

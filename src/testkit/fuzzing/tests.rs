@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::sim::Rng;
+use crate::testkit::sim::Rng;
 use crate::{Durability, LinkMode, Value};
 
 type Target = (&'static str, fn(&[u8]));

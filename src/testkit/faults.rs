@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::fs::{Backend, Entry, Handle, Meta, OpenMode, Real};
+use crate::fs::{Backend, BootMark, Entry, Handle, Meta, OpenMode, Real};
 use crate::{
     Durability, ErrorClass, ErrorKind, NewTransfer, Phase, Sessions, Store, Task, TaskBinding,
     Transfer, TransferId, UploadSource,
@@ -205,6 +205,27 @@ impl Backend for Faulty {
     }
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         faulty!(self, "canonicalize", Call::Read, Real.canonicalize(path))
+    }
+    fn read_exact_at(&self, f: &Handle, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        faulty!(self, "read", Call::Read, Real.read_exact_at(f, offset, out))
+    }
+    fn start_write_back(&self, f: &Handle) {
+        Real.start_write_back(f);
+    }
+    fn try_lock(&self, f: &Handle) -> io::Result<bool> {
+        faulty!(self, "try_lock", Call::Read, Real.try_lock(f))
+    }
+    fn try_lock_shared(&self, f: &Handle) -> io::Result<bool> {
+        faulty!(self, "try_lock", Call::Read, Real.try_lock_shared(f))
+    }
+    fn unlock(&self, f: &Handle) -> io::Result<()> {
+        Real.unlock(f)
+    }
+    fn dup(&self, f: &Handle) -> io::Result<Handle> {
+        Real.dup(f)
+    }
+    fn boot(&self) -> Option<BootMark> {
+        Real.boot()
     }
 }
 

@@ -5,14 +5,18 @@
 //! later operation fails until the store is reopened.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[cfg(unix)]
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
+
+mod real;
+
+pub(crate) use real::Real;
 
 use crate::error::{Corruption, Error, ErrorKind, Result};
 
@@ -30,12 +34,6 @@ pub(crate) struct Fs {
     b: Arc<dyn Backend>,
 }
 
-impl Default for Fs {
-    fn default() -> Self {
-        Fs::new(Arc::new(Real))
-    }
-}
-
 /// What a directory listing found, without following links.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
@@ -51,46 +49,74 @@ pub(crate) enum Placed {
     Copied,
 }
 
-/// An open file (or directory, for syncing) behind the seam.
-#[derive(Debug)]
-pub(crate) enum Handle {
+/// An open file (or directory, for syncing) behind the seam. Opaque above it: only the
+/// backend that opened it looks inside.
+pub(crate) struct Handle(Repr);
+
+enum Repr {
     /// A file of the real file system.
-    Real(File),
-    /// A file of the simulated file system.
+    File(File),
+    /// Another backend's open file (the test kit's).
     #[cfg(any(test, feature = "fuzzing"))]
-    Sim(crate::sim::SimFile),
+    Other(Box<dyn std::any::Any + Send + Sync>),
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::File(file) => f.debug_tuple("Handle").field(file).finish(),
+            #[cfg(any(test, feature = "fuzzing"))]
+            Repr::Other(_) => f.write_str("Handle(..)"),
+        }
+    }
 }
 
 impl Handle {
+    /// A handle on a std file.
+    pub(crate) fn of_file(f: File) -> Handle {
+        Handle(Repr::File(f))
+    }
+
+    /// A handle on another backend's open file.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn of_other<T: std::any::Any + Send + Sync>(t: T) -> Handle {
+        Handle(Repr::Other(Box::new(t)))
+    }
+
     /// The std file under a real handle.
-    fn real(&self) -> io::Result<&File> {
-        match self {
-            Handle::Real(f) => Ok(f),
+    pub(crate) fn file(&self) -> io::Result<&File> {
+        match &self.0 {
+            Repr::File(f) => Ok(f),
             #[cfg(any(test, feature = "fuzzing"))]
-            Handle::Sim(_) => Err(io::Error::new(
+            Repr::Other(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "a simulated file on the real file system",
+                "not a file of the real file system",
             )),
         }
     }
 
-    /// A second handle on the same open file (sharing its lock).
-    pub(crate) fn try_clone(&self) -> io::Result<Handle> {
-        match self {
-            Handle::Real(f) => f.try_clone().map(Handle::Real),
-            #[cfg(any(test, feature = "fuzzing"))]
-            Handle::Sim(s) => Ok(Handle::Sim(s.dup())),
+    /// Another backend's open file, when it is a `T`.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn other<T: std::any::Any>(&self) -> io::Result<&T> {
+        match &self.0 {
+            Repr::Other(b) => b.downcast_ref::<T>().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::Unsupported, "another backend's handle")
+            }),
+            Repr::File(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a file of the real file system",
+            )),
         }
     }
 
-    /// The std file, when this is one (a simulated file is not).
+    /// The std file, when this is one.
     pub(crate) fn into_file(self) -> io::Result<File> {
-        match self {
-            Handle::Real(f) => Ok(f),
+        match self.0 {
+            Repr::File(f) => Ok(f),
             #[cfg(any(test, feature = "fuzzing"))]
-            Handle::Sim(_) => Err(io::Error::new(
+            Repr::Other(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "a simulated file is not a std file",
+                "not a file of the real file system",
             )),
         }
     }
@@ -108,6 +134,8 @@ pub(crate) struct OpenMode {
     pub truncate: bool,
     /// Follow a symlink at the last component (only for the app's own files).
     pub follow: bool,
+    /// Every write lands at the end of the file, in one piece (the journal).
+    pub append: bool,
 }
 
 /// What kind of entry a path names.
@@ -224,67 +252,25 @@ pub(crate) fn open_file_budget() -> usize {
 }
 
 /// The most files [`open_file_budget`] grants.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 const MAX_OPEN_BUDGET: usize = 1024;
 
-/// The one seam between the store and the file system: every call the store makes goes
-/// through it. The default methods are the real file system (std); the simulated file system
-/// (tests) overrides all of them, and a fault-injecting backend wraps the real one.
+/// The one seam between the store and the file system: every byte the crate reads or writes,
+/// the index's and the journal's included, goes through it. [`Real`] is the real file system;
+/// the test kit's simulated file system and fault injector implement it too. It has no default
+/// methods, so a method added later cannot quietly run real-file code against another
+/// backend's handle. It reports I/O facts (`io::Error`s); the layers above decide what they
+/// mean.
 pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Opens a file as `o` says.
-    fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle> {
-        let mut oo = OpenOptions::new();
-        oo.read(o.read)
-            .write(o.write)
-            .create(o.create)
-            .create_new(o.create_new)
-            .truncate(o.truncate);
-        #[cfg(unix)]
-        {
-            if o.create || o.create_new {
-                oo.mode(FILE_MODE);
-            }
-            if !o.follow {
-                oo.custom_flags(libc::O_NOFOLLOW);
-            }
-        }
-        oo.open(path).map(Handle::Real)
-    }
+    fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle>;
 
     /// Reads from the current position to the end, at most `max` bytes, appending to `buf`.
-    fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
-        f.real()?.take(max).read_to_end(buf)
-    }
+    fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize>;
 
     /// Reads up to `len` bytes at `offset` (fewer only at the end of the file), appending to
     /// `buf`. Does not move the file position.
-    fn read_at(&self, f: &Handle, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let f = f.real()?;
-        let start = buf.len();
-        buf.resize(start + len, 0);
-        let mut got = 0;
-        while got < len {
-            let dst = buf.get_mut(start + got..).unwrap_or_default();
-            #[cfg(unix)]
-            let n = match f.read_at(dst, offset + got as u64) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            #[cfg(not(unix))]
-            let n = {
-                use std::io::{Seek, SeekFrom};
-                let mut r = f;
-                r.seek(SeekFrom::Start(offset + got as u64))?;
-                r.read(dst)?
-            };
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        buf.truncate(start + got);
-        Ok(got)
-    }
+    fn read_at(&self, f: &Handle, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize>;
 
     /// One read of up to `len` bytes at `offset`, appending to `buf`: it may return fewer
     /// before the end of the file (then [`Backend::read_at`] reads on). Saves the second call
@@ -295,53 +281,23 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         offset: u64,
         len: usize,
         buf: &mut Vec<u8>,
-    ) -> io::Result<usize> {
-        #[cfg(unix)]
-        if let Ok(file) = f.real() {
-            let start = buf.len();
-            buf.resize(start + len, 0);
-            let r = loop {
-                match file.read_at(buf.get_mut(start..).unwrap_or_default(), offset) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => break r,
-                }
-            };
-            buf.truncate(start + *r.as_ref().unwrap_or(&0));
-            return r;
-        }
-        self.read_at(f, offset, len, buf)
-    }
+    ) -> io::Result<usize>;
+
+    /// Fills `out` from `offset`; an error when the file ends first (the index's pages).
+    fn read_exact_at(&self, f: &Handle, offset: u64, out: &mut [u8]) -> io::Result<()>;
 
     /// Writes all of `bytes` at `offset`.
-    fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        let f = f.real()?;
-        #[cfg(unix)]
-        {
-            f.write_all_at(bytes, offset)
-        }
-        #[cfg(not(unix))]
-        {
-            use std::io::{Seek, SeekFrom};
-            let mut w = f;
-            w.seek(SeekFrom::Start(offset))?;
-            w.write_all(bytes)
-        }
-    }
+    fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()>;
 
-    /// Writes all of `bytes` at the current position (appends, copies).
-    fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
-        f.real()?.write_all(bytes)
-    }
+    /// Writes all of `bytes` at the current position (appends, copies); at the end of the
+    /// file, in one piece, when the file was opened with [`OpenMode::append`].
+    fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()>;
 
     /// Sets a file's length.
-    fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
-        f.real()?.set_len(len)
-    }
+    fn set_len(&self, f: &Handle, len: u64) -> io::Result<()>;
 
     /// Syncs a file's data.
-    fn sync_data(&self, f: &Handle) -> io::Result<()> {
-        f.real()?.sync_data()
-    }
+    fn sync_data(&self, f: &Handle) -> io::Result<()>;
 
     /// Starts writing `f`'s written data back without waiting for it (Linux and Android:
     /// `posix_fadvise(POSIX_FADV_DONTNEED)`, which starts write-back before it drops clean
@@ -351,141 +307,84 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// journal transaction on a journaling file system; on ext4 without a journal, one write
     /// of the inode-table block they share), so the files' own syncs after it find little left
     /// to write (ext4: measured about a fifth off a create, docs/PERFORMANCE.md section 3).
-    fn start_write_back(&self, f: &Handle) {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Ok(file) = f.real() {
-            let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let _ = f;
-    }
+    fn start_write_back(&self, f: &Handle);
 
     /// Whether [`Backend::sync_fs`] makes everything written on `dir`'s file system durable
     /// and reports write-back errors: Linux 5.8 or later (earlier kernels' `syncfs` returns
     /// success regardless), on ext4, xfs, btrfs or f2fs (FUSE and network file systems may
     /// not pass it on), or tmpfs (where nothing is durable anyway).
-    fn can_sync_fs(&self, dir: &Handle) -> bool {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            const KNOWN: [i128; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
-            let Ok(f) = dir.real() else {
-                return false;
-            };
-            kernel_at_least(5, 8)
-                && rustix::fs::fstatfs(f).is_ok_and(|st| KNOWN.contains(&i128::from(st.f_type)))
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        {
-            let _ = dir;
-            false
-        }
-    }
+    fn can_sync_fs(&self, dir: &Handle) -> bool;
 
     /// Syncs the whole file system holding `dir` (Linux `syncfs`): every file and directory
     /// entry written so far becomes durable.
-    fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            rustix::fs::syncfs(dir.real()?)?;
-            Ok(())
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        {
-            let _ = dir;
-            Err(io::Error::from(io::ErrorKind::Unsupported))
-        }
-    }
+    fn sync_fs(&self, dir: &Handle) -> io::Result<()>;
 
     /// Opens a directory to sync it.
-    fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
-        File::open(dir).map(Handle::Real)
-    }
+    fn open_dir(&self, dir: &Path) -> io::Result<Handle>;
 
     /// Syncs a directory's entries.
-    fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
-        dir.real()?.sync_all()
-    }
+    fn sync_dir(&self, dir: &Handle) -> io::Result<()>;
 
     /// Creates a directory with `mode`.
-    fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {
-        let mut b = fs::DirBuilder::new();
-        #[cfg(unix)]
-        b.mode(mode);
-        #[cfg(not(unix))]
-        let _ = mode;
-        b.create(path)
-    }
+    fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()>;
 
     /// Renames an entry.
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        fs::rename(from, to)
-    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
 
     /// Creates a hard link.
-    fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()> {
-        fs::hard_link(src, dst)
-    }
+    fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()>;
 
     /// Removes a file.
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        fs::remove_file(path)
-    }
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
 
     /// Removes a directory and everything below it, never following symlinks.
-    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
-        fs::remove_dir_all(path)
-    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
 
     /// Lists a directory, without following links.
-    fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>> {
-        let mut out = Vec::new();
-        for ent in fs::read_dir(dir)? {
-            let ent = ent?;
-            let ft = ent.file_type()?;
-            out.push(Entry {
-                name: ent.file_name(),
-                is_dir: ft.is_dir(),
-                is_symlink: ft.is_symlink(),
-            });
-        }
-        Ok(out)
-    }
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>>;
 
     /// Metadata of `path` itself (a symlink is not followed).
-    fn lstat(&self, path: &Path) -> io::Result<Meta> {
-        fs::symlink_metadata(path).map(|m| Meta::from_std(&m))
-    }
+    fn lstat(&self, path: &Path) -> io::Result<Meta>;
 
     /// Metadata of an open file.
-    fn fstat(&self, f: &Handle) -> io::Result<Meta> {
-        f.real()?.metadata().map(|m| Meta::from_std(&m))
-    }
+    fn fstat(&self, f: &Handle) -> io::Result<Meta>;
 
     /// The absolute path with links resolved (an upload's source file, chosen by the app).
-    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf> {
-        fs::canonicalize(path)
-    }
+    fn canonicalize(&self, path: &Path) -> io::Result<std::path::PathBuf>;
 
-    /// Tries an exclusive advisory lock on an open file. Ok(false) when another handle holds it.
-    fn try_lock(&self, f: &Handle) -> io::Result<bool> {
-        match f.real()?.try_lock() {
-            Ok(()) => Ok(true),
-            Err(TryLockError::WouldBlock) => Ok(false),
-            Err(TryLockError::Error(e)) => Err(e),
-        }
-    }
+    /// Tries an exclusive advisory lock on an open file. Ok(false) when another handle holds it
+    /// (shared or exclusive). A handle that holds a shared lock converts it.
+    fn try_lock(&self, f: &Handle) -> io::Result<bool>;
 
-    /// Releases the lock [`Backend::try_lock`] took, keeping the file open.
-    fn unlock(&self, f: &Handle) -> io::Result<()> {
-        f.real()?.unlock()
-    }
+    /// Tries a shared advisory lock on an open file. Ok(false) when another handle holds it
+    /// exclusively. A handle that holds the exclusive lock converts it.
+    fn try_lock_shared(&self, f: &Handle) -> io::Result<bool>;
+
+    /// Releases the lock this handle took, keeping the file open. Closing the last handle on
+    /// an open file releases its lock too.
+    fn unlock(&self, f: &Handle) -> io::Result<()>;
+
+    /// A second handle on the same open file (sharing its position and its lock).
+    fn dup(&self, f: &Handle) -> io::Result<Handle>;
+
+    /// This boot of the system the files live on, where it can be told: a journal written in
+    /// another boot may have lost unsynced frames in a power loss.
+    fn boot(&self) -> Option<BootMark>;
 }
 
-/// The real file system.
-#[derive(Debug, Default)]
-pub(crate) struct Real;
-
-impl Backend for Real {}
+/// Which boot of the system a process runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BootMark {
+    /// The kernel's boot id (Linux, Android).
+    #[cfg_attr(
+        not(any(target_os = "linux", target_os = "android", test, feature = "fuzzing")),
+        expect(dead_code, reason = "only Linux and Android report a boot id")
+    )]
+    Id([u8; 16]),
+    /// The boot time in milliseconds since the Unix epoch, estimated from the wall clock and a
+    /// clock that counts from boot (other systems).
+    Since(i64),
+}
 
 /// True for errors that mean "this file system will not hard-link these two paths".
 fn link_refused(e: &io::Error) -> bool {
@@ -518,6 +417,17 @@ fn open_error(op: &'static str, path: &Path, e: io::Error) -> Error {
 }
 
 impl Fs {
+    /// The real file system.
+    pub(crate) fn real() -> Self {
+        Fs::new(Arc::new(Real))
+    }
+
+    /// The backend under this `Fs` (the journal and the index keep their own `Fs` over it:
+    /// their failures never poison the store).
+    pub(crate) fn backend(&self) -> Arc<dyn Backend> {
+        Arc::clone(&self.b)
+    }
+
     pub(crate) fn new(b: Arc<dyn Backend>) -> Self {
         Fs {
             poisoned: Mutex::new(None),
@@ -683,56 +593,33 @@ impl Fs {
         Ok(buf)
     }
 
-    /// Reads a two-slot state file as [`crate::format::state::decode_file`] expects it: slot 0's
-    /// region, then, if the file reaches it, slot 1's. Each slot is read from its start for as
-    /// long as its header says; the unused gap between the slots is never read (reading that
-    /// sparse gap made the following `fdatasync` measurably slower on ext4), and is returned
-    /// as zeros.
-    pub(crate) fn read_state_slots(&self, f: &Handle, path: &Path) -> Result<Vec<u8>> {
-        use crate::format::state::{SLOT_CAPACITY, SLOT_HEADER_LEN, slot_len_hint};
-        const FIRST: usize = 4096;
-        let read = |off: u64, len: usize, buf: &mut Vec<u8>| {
-            self.b
-                .read_at(f, off, len, buf)
-                .map_err(|e| Error::io("read", path, e))
-        };
-        let mut buf = Vec::with_capacity(SLOT_CAPACITY + FIRST);
-        // Slot 0: its first page, then the rest of its body if the header says it is longer.
-        let got = read(0, FIRST, &mut buf)?;
-        if got == FIRST {
-            let want = slot_len_hint(&buf).map_or(SLOT_CAPACITY, |n| {
-                (SLOT_HEADER_LEN + n).clamp(FIRST, SLOT_CAPACITY)
-            });
-            read(FIRST as u64, want - FIRST, &mut buf)?;
-        }
-        if buf.len() < FIRST {
-            return Ok(buf);
-        }
-        // Slot 1, if the file reaches it: one read, and a second only when what the first
-        // returned ends before the slot its header describes.
-        let mut s1 = Vec::with_capacity(FIRST);
-        let mut got = self
-            .b
-            .read_at_once(f, SLOT_CAPACITY as u64, FIRST, &mut s1)
-            .map_err(|e| Error::io("read", path, e))?;
-        let whole = |s: &[u8]| slot_len_hint(s).is_some_and(|n| SLOT_HEADER_LEN + n <= s.len());
-        if got > 0 && got < FIRST && !whole(&s1) {
-            got += read((SLOT_CAPACITY + got) as u64, FIRST - got, &mut s1)?;
-        }
-        if got == 0 {
-            // The file may still end inside slot 0's region past what was read; what lies
-            // there is not part of slot 0's body, so it does not matter.
-            return Ok(buf);
-        }
-        if got == FIRST {
-            let want = slot_len_hint(&s1).map_or(SLOT_CAPACITY, |n| {
-                (SLOT_HEADER_LEN + n).clamp(FIRST, SLOT_CAPACITY)
-            });
-            read((SLOT_CAPACITY + FIRST) as u64, want - FIRST, &mut s1)?;
-        }
-        buf.resize(SLOT_CAPACITY, 0);
-        buf.extend_from_slice(&s1);
-        Ok(buf)
+    /// Reads up to `len` bytes at `offset` (fewer only at the end of the file), appending to
+    /// `buf`.
+    pub(crate) fn read_at(
+        &self,
+        f: &Handle,
+        path: &Path,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize> {
+        self.b
+            .read_at(f, offset, len, buf)
+            .map_err(|e| Error::io("read", path, e))
+    }
+
+    /// One read of up to `len` bytes at `offset`; see [`Backend::read_at_once`].
+    pub(crate) fn read_at_once(
+        &self,
+        f: &Handle,
+        path: &Path,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize> {
+        self.b
+            .read_at_once(f, offset, len, buf)
+            .map_err(|e| Error::io("read", path, e))
     }
 
     /// Reads up to `max` bytes from the start of an open file.
@@ -915,21 +802,68 @@ impl Fs {
 
     /// Takes an exclusive advisory lock, waiting at most `timeout`.
     pub(crate) fn lock(&self, f: &Handle, path: &Path, timeout: Duration) -> Result<()> {
+        if self.lock_within(f, path, false, timeout)? {
+            return Ok(());
+        }
+        Err(ErrorKind::Busy {
+            path: path.to_path_buf(),
+        }
+        .into())
+    }
+
+    /// Takes a shared (`shared`) or exclusive advisory lock, waiting at most `timeout`.
+    /// Returns false when it is still held elsewhere then.
+    pub(crate) fn lock_within(
+        &self,
+        f: &Handle,
+        path: &Path,
+        shared: bool,
+        timeout: Duration,
+    ) -> Result<bool> {
         let start = Instant::now();
         let mut pause = Duration::from_micros(20);
         loop {
-            if self.try_lock(f, path)? {
-                return Ok(());
+            let got = if shared {
+                self.b.try_lock_shared(f)
+            } else {
+                self.b.try_lock(f)
+            };
+            if got.map_err(|e| Error::io("lock", path, e))? {
+                return Ok(true);
             }
             if start.elapsed() >= timeout {
-                return Err(ErrorKind::Busy {
-                    path: path.to_path_buf(),
-                }
-                .into());
+                return Ok(false);
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(2));
         }
+    }
+
+    /// Opens a file for appending and reading (creating it owner-only when `create`), never
+    /// through a symlink: every write lands at its end in one piece.
+    pub(crate) fn open_append(&self, path: &Path, create: bool) -> Result<Handle> {
+        let o = OpenMode {
+            read: true,
+            write: true,
+            append: true,
+            create,
+            ..OpenMode::default()
+        };
+        self.b
+            .open(path, o)
+            .map_err(|e| open_error("open", path, e))
+    }
+
+    /// A second handle on the same open file, sharing its lock.
+    pub(crate) fn dup(&self, f: &Handle, path: &Path) -> Result<Handle> {
+        self.b
+            .dup(f)
+            .map_err(|e| Error::io("duplicate handle", path, e))
+    }
+
+    /// This boot of the system, where the backend can tell.
+    pub(crate) fn boot(&self) -> Option<BootMark> {
+        self.b.boot()
     }
 
     /// True when `path` still names the entry `before` described (a rename or removal by
@@ -951,21 +885,6 @@ impl Fs {
     pub(crate) fn try_lock(&self, f: &Handle, path: &Path) -> Result<bool> {
         self.b.try_lock(f).map_err(|e| Error::io("lock", path, e))
     }
-}
-
-/// Whether the running Linux kernel is at least `major.minor` (false if it cannot be told).
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    static VERSION: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
-    let v = VERSION.get_or_init(|| {
-        let u = rustix::system::uname();
-        let release = u.release().to_str().ok()?;
-        let mut parts = release.split(|c: char| !c.is_ascii_digit());
-        let a = parts.next()?.parse().ok()?;
-        let b = parts.next()?.parse().ok()?;
-        Some((a, b))
-    });
-    v.is_some_and(|v| v >= (major, minor))
 }
 
 fn eexist() -> i32 {
@@ -1009,64 +928,6 @@ pub(crate) fn is_cross_device(e: &Error) -> bool {
 mod tests {
     use super::*;
 
-    /// Reading a state file slot by slot decodes exactly as reading all of it does, whatever
-    /// the file holds: one slot, two, long bodies, garbage headers, files ending anywhere.
-    #[test]
-    fn state_slots_read_apart_decode_like_the_whole_file() -> Result<()> {
-        use crate::format::state::{self as st, SLOT_CAPACITY};
-        use crate::transfer::State;
-        let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let fs = Fs::default();
-        let mut small = State::new();
-        small.bytes_done = 7;
-        let mut long = State::new();
-        long.last_error = Some("e".repeat(9000));
-        let a = st::encode_slot(3, &small)?;
-        let b = st::encode_slot(4, &long)?;
-        assert!(b.len() > 4096, "the long body crosses the first page");
-        let mut cases: Vec<Vec<u8>> = vec![Vec::new(), a.clone(), b.clone()];
-        for (s0, s1) in [(&a, &b), (&b, &a), (&a, &a)] {
-            let mut f = s0.clone();
-            f.resize(SLOT_CAPACITY, 0);
-            f.extend_from_slice(s1);
-            cases.push(f.clone());
-            // Cut off inside slot 1, and with slot 1's header damaged.
-            cases.push(f.get(..SLOT_CAPACITY + 30).unwrap_or_default().to_vec());
-            let mut g = f.clone();
-            if let Some(x) = g.get_mut(SLOT_CAPACITY) {
-                *x ^= 0xff;
-            }
-            cases.push(g);
-        }
-        // Garbage slot 0 reaching into the gap; a file ending between the slots.
-        let mut g = vec![0xabu8; 9000];
-        cases.push(g.clone());
-        g.resize(SLOT_CAPACITY, 0);
-        g.extend_from_slice(&a);
-        cases.push(g);
-        for (i, bytes) in cases.iter().enumerate() {
-            let path = d.path().join(format!("state{i}"));
-            std::fs::write(&path, bytes).map_err(|e| Error::io("write", &path, e))?;
-            let h = fs.open_read(&path)?;
-            let read = fs.read_state_slots(&h, &path)?;
-            let whole = st::decode_file(bytes);
-            let apart = st::decode_file(&read);
-            let seqs = |s: &st::Slots| {
-                s.slot
-                    .iter()
-                    .map(|r| r.as_ref().ok().map(|x| (x.seq, x.state.clone())))
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(seqs(&whole), seqs(&apart), "case {i}");
-            assert_eq!(
-                bytes.len() > SLOT_CAPACITY,
-                read.len() > SLOT_CAPACITY,
-                "case {i}: whether slot 1 was ever written"
-            );
-        }
-        Ok(())
-    }
-
     #[test]
     fn link_refusals_fall_back_to_copy() {
         for errno in [libc::EXDEV, libc::EPERM, libc::EMLINK] {
@@ -1079,7 +940,7 @@ mod tests {
     #[test]
     fn a_failed_sync_poisons_until_reopened() -> Result<()> {
         let d = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("."), e))?;
-        let fs = Fs::default();
+        let fs = Fs::real();
         fs.check()?;
         // Syncing a directory that does not exist fails to open it: not a sync failure.
         assert!(fs.sync_dir(&d.path().join("missing")).is_err());
@@ -1098,7 +959,7 @@ mod tests {
         fs::write(&target, b"x").map_err(|e| Error::io("write", &target, e))?;
         let link = d.path().join("link");
         std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::io("symlink", &link, e))?;
-        let fs = Fs::default();
+        let fs = Fs::real();
         let err = fs
             .read_bounded(&link, 10)
             .expect_err("symlink must not open");

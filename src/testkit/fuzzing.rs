@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::format::{manifest, state};
-use crate::sim::{Draw, Input, Sim};
-use crate::transfer::seeded_ids;
+use crate::testkit::seeded_ids;
+use crate::testkit::sim::{Draw, Input, Sim};
 use crate::{
     Action, ErrorClass, ErrorKind, Filter, NewTransfer, RetryPolicy, Sessions, Store, Task,
     TaskBinding, TaskRef, TaskState, TransferId, UploadSource,
@@ -640,7 +640,7 @@ fn damage(sim: &Sim, id: TransferId, file: &str) -> Result<(), String> {
 /// `ops_model`: operation sequences on a simulated store checked against a reference model,
 /// with an I/O error injected at a call the input picks (see the crash-exploration module).
 pub fn ops_model(data: &[u8]) {
-    if let Err(v) = crate::crash::ops_model(data) {
+    if let Err(v) = crate::testkit::crash::ops_model(data) {
         panic!("{v}");
     }
 }

@@ -19,7 +19,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::fs::{Backend, Entry, EntryType, Handle, Meta, OpenMode};
+use crate::fs::{Backend, BootMark, Entry, EntryType, Handle, Meta, OpenMode};
 
 /// Sector size for torn writes.
 pub(crate) const SECTOR: u64 = 512;
@@ -29,9 +29,9 @@ const ROOT: u64 = 1;
 /// so staging debris always counts as old.
 const MTIME_NS: i128 = 1_000_000_000;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 enum Node {
-    File(Vec<u8>),
+    File(Data),
     Dir(BTreeMap<OsString, u64>),
 }
 
@@ -63,7 +63,7 @@ impl Image {
         }
     }
 
-    fn file_mut(&mut self, ino: u64) -> Option<&mut Vec<u8>> {
+    fn file_mut(&mut self, ino: u64) -> Option<&mut Data> {
         match self.nodes.get_mut(&ino) {
             Some(Node::File(d)) => Some(d),
             _ => None,
@@ -74,12 +74,12 @@ impl Image {
         match op {
             Op::Write { ino, off, bytes } => {
                 if let Some(d) = self.file_mut(*ino) {
-                    write_into(d, *off, bytes);
+                    d.write(usize::try_from(*off).unwrap_or(usize::MAX), bytes);
                 }
             }
             Op::SetLen { ino, len } => {
                 if let Some(d) = self.file_mut(*ino) {
-                    d.resize(usize::try_from(*len).unwrap_or(usize::MAX), 0);
+                    d.set_len(usize::try_from(*len).unwrap_or(usize::MAX));
                 }
             }
             Op::Link { dir, name, ino } => {
@@ -170,14 +170,25 @@ impl Image {
     /// A hash of everything reachable from `/` (names, kinds, contents, and which names share
     /// an inode), so equal trees hash equal whatever unreachable inodes they carry.
     pub(crate) fn tree_hash(&self) -> u64 {
+        self.tree_hash_but(None)
+    }
+
+    /// [`Image::tree_hash`], without the content of the file at `skip` (for a check that never
+    /// reads it).
+    pub(crate) fn tree_hash_but(&self, skip: Option<&Path>) -> u64 {
+        let skip = skip.and_then(|p| self.lookup(p).ok());
         let mut h = std::collections::hash_map::DefaultHasher::new();
         let mut stack = vec![ROOT];
         while let Some(ino) = stack.pop() {
             ino.hash(&mut h);
             match self.nodes.get(&ino) {
+                Some(Node::File(_)) if Some(ino) == skip => 4u8.hash(&mut h),
                 Some(Node::File(d)) => {
+                    // A file's content by its length and CRC (a large file, the index, is
+                    // hashed at the speed of crc32fast, not of a debug build's SipHash).
                     0u8.hash(&mut h);
-                    d.hash(&mut h);
+                    d.len().hash(&mut h);
+                    d.crc().hash(&mut h);
                 }
                 Some(Node::Dir(d)) => {
                     1u8.hash(&mut h);
@@ -194,6 +205,14 @@ impl Image {
         h.finish()
     }
 
+    /// The content of the file at `path`, if there is one.
+    pub(crate) fn file(&self, path: &Path) -> Option<Vec<u8>> {
+        match self.nodes.get(&self.lookup(path).ok()?) {
+            Some(Node::File(d)) => Some(d.to_vec()),
+            _ => None,
+        }
+    }
+
     /// The names in the directory at `path` (empty when it is missing).
     pub(crate) fn names(&self, path: &Path) -> Vec<String> {
         self.lookup(path)
@@ -204,16 +223,101 @@ impl Image {
     }
 }
 
-fn write_into(d: &mut Vec<u8>, off: u64, bytes: &[u8]) {
-    let Ok(off) = usize::try_from(off) else {
-        return;
-    };
-    let end = off.saturating_add(bytes.len());
-    if d.len() < end {
-        d.resize(end, 0);
+/// Bytes per chunk of a simulated file.
+const CHUNK: usize = 16 * 1024;
+
+/// A simulated file's bytes, in chunks shared between images until one of them writes to a
+/// chunk (the index's file is a megabyte, written a page at a time); a chunk never written
+/// reads as zeros.
+#[derive(Debug, Clone, Default)]
+struct Data {
+    len: usize,
+    chunks: Vec<Option<Arc<Vec<u8>>>>,
+}
+
+impl Data {
+    fn from_bytes(b: &[u8]) -> Data {
+        let mut d = Data::default();
+        d.write(0, b);
+        d
     }
-    if let Some(dst) = d.get_mut(off..end) {
-        dst.copy_from_slice(bytes);
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Sets the length: past the old end reads as zeros, and so does a later growth past a cut.
+    fn set_len(&mut self, len: usize) {
+        if len < self.len {
+            let keep = len.div_ceil(CHUNK);
+            self.chunks.truncate(keep);
+            if let Some(Some(c)) = self.chunks.last_mut() {
+                let from = len - (keep - 1) * CHUNK;
+                if let Some(tail) = Arc::make_mut(c).get_mut(from..) {
+                    tail.fill(0);
+                }
+            }
+        }
+        self.chunks.resize(len.div_ceil(CHUNK), None);
+        self.len = len;
+    }
+
+    fn write(&mut self, off: usize, bytes: &[u8]) {
+        let end = off.saturating_add(bytes.len());
+        if end > self.len {
+            self.set_len(end);
+        }
+        let mut at = off;
+        while at < end {
+            let (k, inner) = (at / CHUNK, at % CHUNK);
+            let n = (CHUNK - inner).min(end - at);
+            if let Some(slot) = self.chunks.get_mut(k) {
+                let c = slot.get_or_insert_with(|| Arc::new(vec![0; CHUNK]));
+                if let (Some(dst), Some(src)) = (
+                    Arc::make_mut(c).get_mut(inner..inner + n),
+                    bytes.get(at - off..at - off + n),
+                ) {
+                    dst.copy_from_slice(src);
+                }
+            }
+            at += n;
+        }
+    }
+
+    /// Appends to `out` up to `len` bytes from `off`; returns how many.
+    fn read(&self, off: usize, len: usize, out: &mut Vec<u8>) -> usize {
+        const ZEROS: [u8; CHUNK] = [0; CHUNK];
+        let end = off.saturating_add(len).min(self.len);
+        let mut at = off;
+        while at < end {
+            let (k, inner) = (at / CHUNK, at % CHUNK);
+            let n = (CHUNK - inner).min(end - at);
+            let src = match self.chunks.get(k) {
+                Some(Some(c)) => c.get(inner..inner + n),
+                _ => ZEROS.get(..n),
+            };
+            out.extend_from_slice(src.unwrap_or_default());
+            at += n;
+        }
+        end.saturating_sub(off)
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        self.read(0, self.len, &mut out);
+        out
+    }
+
+    /// The CRC of the content (a chunk never written counts as zeros).
+    fn crc(&self) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = Vec::with_capacity(CHUNK);
+        for k in 0..self.chunks.len() {
+            buf.clear();
+            self.read(k * CHUNK, CHUNK, &mut buf);
+            h.update(&buf);
+        }
+        h.finalize()
     }
 }
 
@@ -547,33 +651,62 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Sim {
     st: Mutex<State>,
+    locks: Locks,
+    next_desc: AtomicU64,
+    boot: u64,
 }
 
-/// An open simulated file.
+/// Who holds an inode's advisory lock: as `flock(2)`, per open file (description), so two
+/// opens of one file in one process conflict like two processes do.
+#[derive(Debug, Default)]
+struct LockHolders {
+    exclusive: Option<u64>,
+    shared: std::collections::BTreeSet<u64>,
+}
+
+type Locks = Arc<Mutex<HashMap<u64, LockHolders>>>;
+
+/// One open of a simulated file: its position, its mode, and the lock it holds (released when
+/// its last handle is dropped, as closing a file does).
 #[derive(Debug)]
-pub(crate) struct SimFile {
+struct Desc {
+    id: u64,
     ino: u64,
-    pos: Arc<AtomicU64>,
+    pos: AtomicU64,
+    append: bool,
+    locks: Locks,
 }
 
-impl SimFile {
-    pub(crate) fn dup(&self) -> SimFile {
-        SimFile {
-            ino: self.ino,
-            pos: Arc::clone(&self.pos),
+impl Drop for Desc {
+    fn drop(&mut self) {
+        release(&self.locks, self.ino, self.id);
+    }
+}
+
+fn release(locks: &Locks, ino: u64, id: u64) {
+    let mut l = locks.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = l.get_mut(&ino) {
+        if h.exclusive == Some(id) {
+            h.exclusive = None;
+        }
+        h.shared.remove(&id);
+        if h.exclusive.is_none() && h.shared.is_empty() {
+            l.remove(&ino);
         }
     }
 }
 
+/// An open simulated file.
+#[derive(Debug, Clone)]
+pub(crate) struct SimFile(Arc<Desc>);
+
 fn sim(h: &Handle) -> io::Result<&SimFile> {
-    match h {
-        Handle::Sim(s) => Ok(s),
-        Handle::Real(_) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "a real file on the simulated file system",
-        )),
-    }
+    h.other::<SimFile>()
 }
+
+/// A boot of a simulated machine: every [`Sim`] made fresh or from a power loss's image is a
+/// new one; [`Sim::after_kill`] keeps its boot.
+static BOOTS: AtomicU64 = AtomicU64::new(1);
 
 impl Sim {
     /// An empty file system, everything durable.
@@ -581,8 +714,18 @@ impl Sim {
         Sim::from_image(Image::new())
     }
 
-    /// A file system whose disk is `img` (after a crash: nothing pending).
+    /// A file system whose disk is `img`, after a power loss: a new boot, nothing pending.
     pub(crate) fn from_image(img: Image) -> Arc<Sim> {
+        Sim::in_boot(img, BOOTS.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// The file system `img` a process killed on `before` left (every write it made is there):
+    /// the same boot, nothing pending, no lock held.
+    pub(crate) fn after_kill(img: Image, before: &Sim) -> Arc<Sim> {
+        Sim::in_boot(img, before.boot)
+    }
+
+    fn in_boot(img: Image, boot: u64) -> Arc<Sim> {
         let next_ino = img.nodes.keys().max().copied().unwrap_or(ROOT) + 1;
         Arc::new(Sim {
             st: Mutex::new(State {
@@ -595,7 +738,39 @@ impl Sim {
                 fail_at: None,
                 failed: None,
             }),
+            locks: Arc::default(),
+            next_desc: AtomicU64::new(1),
+            boot,
         })
+    }
+
+    fn handle(&self, ino: u64, append: bool) -> Handle {
+        Handle::of_other(SimFile(Arc::new(Desc {
+            id: self.next_desc.fetch_add(1, Ordering::SeqCst),
+            ino,
+            pos: AtomicU64::new(0),
+            append,
+            locks: Arc::clone(&self.locks),
+        })))
+    }
+
+    fn lock(&self, f: &Handle, shared: bool) -> io::Result<bool> {
+        let d = &sim(f)?.0;
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let h = l.entry(d.ino).or_default();
+        let others_shared = h.shared.iter().any(|&s| s != d.id);
+        let other_exclusive = h.exclusive.is_some_and(|e| e != d.id);
+        if other_exclusive || (!shared && others_shared) {
+            return Ok(false);
+        }
+        if shared {
+            h.exclusive = None;
+            h.shared.insert(d.id);
+        } else {
+            h.shared.remove(&d.id);
+            h.exclusive = Some(d.id);
+        }
+        Ok(true)
     }
 
     fn st(&self) -> MutexGuard<'_, State> {
@@ -683,7 +858,7 @@ impl Sim {
             }
         }
         let (parent, name) = st.live.parent(path)?;
-        let ino = alloc(st, Node::File(bytes.to_vec()));
+        let ino = alloc(st, Node::File(Data::from_bytes(bytes)));
         let op = Op::Link {
             dir: parent,
             name,
@@ -781,22 +956,20 @@ impl Backend for Sim {
             }
             None if o.create || o.create_new => {
                 st.boundary("open (create)");
-                let ino = alloc(&mut st, Node::File(Vec::new()));
+                let ino = alloc(&mut st, Node::File(Data::default()));
                 st.push(Op::Link { dir, name, ino });
                 ino
             }
             None => return Err(errno(libc::ENOENT)),
         };
-        Ok(Handle::Sim(SimFile {
-            ino,
-            pos: Arc::new(AtomicU64::new(0)),
-        }))
+        drop(st);
+        Ok(self.handle(ino, o.append))
     }
 
     fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
-        let pos = sim(f)?.pos.load(Ordering::SeqCst);
+        let pos = sim(f)?.0.pos.load(Ordering::SeqCst);
         let got = self.read_at(f, pos, usize::try_from(max).unwrap_or(usize::MAX), buf)?;
-        sim(f)?.pos.fetch_add(got as u64, Ordering::SeqCst);
+        sim(f)?.0.pos.fetch_add(got as u64, Ordering::SeqCst);
         Ok(got)
     }
 
@@ -804,16 +977,13 @@ impl Backend for Sim {
         self.st().fault("read")?;
         let f = sim(f)?;
         let st = self.st();
-        let data = match st.live.nodes.get(&f.ino) {
+        let data = match st.live.nodes.get(&f.0.ino) {
             Some(Node::File(d)) => d,
             Some(Node::Dir(_)) => return Err(errno(libc::EISDIR)),
             None => return Err(errno(libc::EBADF)),
         };
         let pos = usize::try_from(offset).unwrap_or(usize::MAX);
-        let got = data.get(pos..).unwrap_or_default();
-        let got = got.get(..len.min(got.len())).unwrap_or_default();
-        buf.extend_from_slice(got);
-        Ok(got.len())
+        Ok(data.read(pos, len, buf))
     }
 
     fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
@@ -822,7 +992,7 @@ impl Backend for Sim {
         let mut st = self.st();
         st.boundary("write_at");
         st.push(Op::Write {
-            ino: f.ino,
+            ino: f.0.ino,
             off: offset,
             bytes: bytes.to_vec(),
         });
@@ -831,11 +1001,18 @@ impl Backend for Sim {
 
     fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
         self.st().fault("write")?;
-        let off = sim(f)?.pos.fetch_add(bytes.len() as u64, Ordering::SeqCst);
+        let d = &sim(f)?.0;
         let mut st = self.st();
+        let off = if d.append {
+            let end = st.live.meta(d.ino)?.len;
+            d.pos.store(end + bytes.len() as u64, Ordering::SeqCst);
+            end
+        } else {
+            d.pos.fetch_add(bytes.len() as u64, Ordering::SeqCst)
+        };
         st.boundary("write");
         st.push(Op::Write {
-            ino: sim(f)?.ino,
+            ino: sim(f)?.0.ino,
             off,
             bytes: bytes.to_vec(),
         });
@@ -844,7 +1021,7 @@ impl Backend for Sim {
 
     fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
         self.st().fault("set_len")?;
-        let ino = sim(f)?.ino;
+        let ino = sim(f)?.0.ino;
         let mut st = self.st();
         st.boundary("set_len");
         st.push(Op::SetLen { ino, len });
@@ -853,7 +1030,7 @@ impl Backend for Sim {
 
     fn sync_data(&self, f: &Handle) -> io::Result<()> {
         self.st().fault("sync_data")?;
-        let ino = sim(f)?.ino;
+        let ino = sim(f)?.0.ino;
         let mut st = self.st();
         st.boundary("sync_data");
         let marked = st
@@ -886,15 +1063,13 @@ impl Backend for Sim {
         if st.live.dir(ino).is_none() {
             return Err(errno(libc::ENOTDIR));
         }
-        Ok(Handle::Sim(SimFile {
-            ino,
-            pos: Arc::new(AtomicU64::new(0)),
-        }))
+        drop(st);
+        Ok(self.handle(ino, false))
     }
 
     fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
         self.st().fault("sync_dir")?;
-        let ino = sim(dir)?.ino;
+        let ino = sim(dir)?.0.ino;
         let mut st = self.st();
         st.boundary("sync_dir");
         let marked = st
@@ -1004,7 +1179,7 @@ impl Backend for Sim {
 
     fn fstat(&self, f: &Handle) -> io::Result<Meta> {
         self.st().fault("fstat")?;
-        let ino = sim(f)?.ino;
+        let ino = sim(f)?.0.ino;
         self.st().live.meta(ino)
     }
 
@@ -1016,12 +1191,49 @@ impl Backend for Sim {
 
     fn try_lock(&self, f: &Handle) -> io::Result<bool> {
         self.st().fault("try_lock")?;
-        // One process at a time runs on a simulated file system.
-        sim(f).map(|_| true)
+        self.lock(f, false)
+    }
+
+    fn try_lock_shared(&self, f: &Handle) -> io::Result<bool> {
+        self.st().fault("try_lock")?;
+        self.lock(f, true)
     }
 
     fn unlock(&self, f: &Handle) -> io::Result<()> {
-        sim(f).map(|_| ())
+        let d = &sim(f)?.0;
+        release(&self.locks, d.ino, d.id);
+        Ok(())
+    }
+
+    fn read_exact_at(&self, f: &Handle, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(out.len());
+        if self.read_at(f, offset, out.len(), &mut buf)? < out.len() {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        out.copy_from_slice(&buf);
+        Ok(())
+    }
+
+    fn dup(&self, f: &Handle) -> io::Result<Handle> {
+        Ok(Handle::of_other(sim(f)?.clone()))
+    }
+
+    fn start_write_back(&self, _f: &Handle) {}
+
+    fn read_at_once(
+        &self,
+        f: &Handle,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        self.read_at(f, offset, len, buf)
+    }
+
+    fn boot(&self) -> Option<BootMark> {
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.boot.to_le_bytes());
+        Some(BootMark::Id(id))
     }
 }
 
@@ -1035,7 +1247,7 @@ mod tests {
 
     fn read(img: &Image, path: &str) -> Option<Vec<u8>> {
         match img.nodes.get(&img.lookup(p(path)).ok()?) {
-            Some(Node::File(d)) => Some(d.clone()),
+            Some(Node::File(d)) => Some(d.to_vec()),
             _ => None,
         }
     }

@@ -1,0 +1,41 @@
+//! The test kit: the simulated file system, the crash exploration, the fault injector and the
+//! fuzz targets' entry points. Built for tests, and for the fuzz targets (feature `fuzzing`);
+//! nothing else in the crate reaches it.
+
+pub(crate) mod crash;
+#[cfg(test)]
+pub(crate) mod faults;
+pub mod fuzzing;
+pub(crate) mod sim;
+#[cfg(test)]
+pub(crate) mod spy;
+
+/// Ids drawn from a seed, so a test that replays a seed makes the same ids (and the store lists
+/// them in the same order).
+pub(crate) mod seeded_ids {
+    use std::cell::Cell;
+
+    thread_local! {
+        static NEXT: Cell<Option<u64>> = const { Cell::new(None) };
+    }
+
+    /// Draws this thread's ids from `seed` from now on (`None`: random again).
+    pub(crate) fn seed(seed: Option<u64>) {
+        NEXT.with(|n| n.set(seed));
+    }
+
+    pub(crate) fn next() -> Option<crate::TransferId> {
+        NEXT.with(|n| {
+            let mut rng = super::sim::Rng(n.get()?);
+            let hi = rng.next();
+            let lo = rng.next();
+            n.set(Some(rng.0));
+            let bytes = (u128::from(hi) << 64 | u128::from(lo)).to_be_bytes();
+            Some(crate::TransferId::from_bytes(
+                *uuid::Builder::from_random_bytes(bytes)
+                    .into_uuid()
+                    .as_bytes(),
+            ))
+        })
+    }
+}
