@@ -4,6 +4,8 @@
 
 pub(crate) mod crash;
 #[cfg(test)]
+pub(crate) mod crash_index;
+#[cfg(test)]
 pub(crate) mod faults;
 pub mod fuzzing;
 pub(crate) mod sim;
