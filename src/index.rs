@@ -54,7 +54,7 @@ pub(crate) struct Thresholds {
     /// From this many journal bytes past the index's checkpoint, reading the index also writes
     /// the changes into it.
     pub(crate) checkpoint: u64,
-    /// A fully consumed journal longer than this is cut back to its header.
+    /// A fully consumed journal longer than this is started afresh (a new generation).
     pub(crate) compact: u64,
 }
 
@@ -499,6 +499,8 @@ pub(crate) struct Listing {
     /// Whether the index was rebuilt from the directories (else it was read and brought up to
     /// date from the journal).
     pub(crate) rebuilt: bool,
+    /// Whether the journal's changes were written into the index (a checkpoint).
+    pub(crate) checkpoint: bool,
 }
 
 /// What [`Index::sync`] is for. Either way the index is rebuilt when it does not follow the
@@ -521,9 +523,9 @@ impl Index {
         let fs = Fs::new(backend);
         let path = root.join(INDEX_FILE);
         if fs.lstat(&path).is_ok_and(|m| !m.is_file()) {
-            // The index is only ever a file of ours.
+            // The index is only ever a file of ours (a symlink is removed, never followed).
             tracing::warn!(path = %path.display(), "index is not a regular file; removing it");
-            fs.remove_tree(&path)?;
+            fs.remove_file(&path)?;
         }
         for attempt in 0..2 {
             let (h, _) = fs.open_or_create(&path)?;
@@ -734,6 +736,7 @@ impl Index {
                 unknown: m.unknown.clone(),
                 wholes: None,
                 rebuilt: false,
+                checkpoint: false,
             }));
         }
         let tail = match &meta {
@@ -754,6 +757,7 @@ impl Index {
                 unknown: m.unknown.clone(),
                 wholes: None,
                 rebuilt: false,
+                checkpoint: false,
             }));
         }
         let mut dirty: BTreeSet<u16> = last.keys().map(fmt::chunk_of).collect();
@@ -845,6 +849,7 @@ impl Index {
         apply_changes(&mut records, changed.into_iter().collect());
         let consumed = unsettled.unwrap_or(parsed);
         let write = rebuilt || long;
+        let checkpoint = write && !rebuilt && consumed != meta.consumed;
         if write && (consumed != meta.consumed || rebuilt) {
             meta.consumed = consumed;
             self.write(&records, (!rebuilt).then_some(&dirty), &meta)?;
@@ -860,6 +865,7 @@ impl Index {
             unknown: meta.unknown,
             wholes,
             rebuilt,
+            checkpoint,
         }))
     }
 

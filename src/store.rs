@@ -390,6 +390,8 @@ struct PendingProgress {
 pub(crate) struct IndexTally {
     pub(crate) read: std::sync::atomic::AtomicU64,
     pub(crate) rebuilt: std::sync::atomic::AtomicU64,
+    /// Syncs that wrote the journal's changes into the index.
+    pub(crate) checkpoints: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -406,7 +408,8 @@ pub struct Store {
     index: Mutex<TaskIndex>,
     /// The derived index, while this handle holds it.
     pub(crate) held: Mutex<Option<crate::index::Index>>,
-    /// How often this handle read the index, and how often it rebuilt it from the directories.
+    /// How often this handle read the index, rebuilt it from the directories, and wrote the
+    /// journal's changes into it.
     pub(crate) index_tally: IndexTally,
     report: OpenReport,
     /// Started at the first coalesced report (`None` inside when it could not start).
@@ -2642,9 +2645,13 @@ impl Store {
         let r = held.as_ref()?.sync(&self.core.root, journal, mode);
         match r {
             Ok(l) => {
+                use std::sync::atomic::Ordering::Relaxed;
                 let t = &self.index_tally;
                 let n = if l.rebuilt { &t.rebuilt } else { &t.read };
-                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                n.fetch_add(1, Relaxed);
+                if l.checkpoint {
+                    t.checkpoints.fetch_add(1, Relaxed);
+                }
                 Some(l)
             }
             Err(e) => {

@@ -205,14 +205,6 @@ impl Image {
         h.finish()
     }
 
-    /// The content of the file at `path`, if there is one.
-    pub(crate) fn file(&self, path: &Path) -> Option<Vec<u8>> {
-        match self.nodes.get(&self.lookup(path).ok()?) {
-            Some(Node::File(d)) => Some(d.to_vec()),
-            _ => None,
-        }
-    }
-
     /// The names in the directory at `path` (empty when it is missing).
     pub(crate) fn names(&self, path: &Path) -> Vec<String> {
         self.lookup(path)
@@ -263,6 +255,10 @@ impl Data {
     }
 
     fn write(&mut self, off: usize, bytes: &[u8]) {
+        if bytes.is_empty() {
+            // As `pwrite` of nothing: the length does not change.
+            return;
+        }
         let end = off.saturating_add(bytes.len());
         if end > self.len {
             self.set_len(end);
