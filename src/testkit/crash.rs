@@ -1082,27 +1082,17 @@ pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn every_crash_state_of_random_sequences_keeps_what_was_acknowledged() {
+    use crate::testkit::{env_u64, run_seeds};
     let target = env_u64("WAYBILL_CRASH_STATES")
         .or_else(|| env_u64("WAYBILL_SCALE").map(|k| k * 50_000))
         .unwrap_or(50_000);
     let mut tally = Tally::default();
-    let mut sequences = 0u64;
-    if let Some(seed) = env_u64("WAYBILL_CRASH_SEED") {
+    let sequences = run_seeds("WAYBILL_CRASH_SEED", 0x5eed, |seed| {
         run_sequence(seed, &mut tally);
-        sequences = 1;
-    } else {
-        let first = env_u64("WAYBILL_SEED").unwrap_or(0x5eed);
-        while tally.states < target && tally.violations.is_empty() {
-            run_sequence(first.wrapping_add(sequences), &mut tally);
-            sequences += 1;
-        }
-    }
+        tally.states < target && tally.violations.is_empty()
+    });
     println!(
         "crash states explored: {}, violations: {} ({} sequences, {} call boundaries, {} states during recovery, {} recoveries with an I/O error)",
         tally.states + tally.recovery_states,

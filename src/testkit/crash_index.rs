@@ -33,8 +33,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
-use crate::testkit::seeded_ids;
 use crate::testkit::sim::{Image, Rng, Sim, Snapshot, Tear};
+use crate::testkit::{env_u64, run_seeds, seeded_ids};
 use crate::{
     Durability, ErrorKind, NewTransfer, Plan, ReconcileOptions, Sessions, Store, Task, TaskBinding,
     TransferId, UploadSource,
@@ -573,27 +573,16 @@ fn len_after_of(sim: &Sim, path: &Path) -> u64 {
     crate::fs::Backend::lstat(sim, path).map_or(0, |m| m.len)
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn every_index_crash_state_plans_as_the_directories_do() {
     let target = env_u64("WAYBILL_INDEX_CRASH_STATES")
         .or_else(|| env_u64("WAYBILL_SCALE").map(|k| k * 20_000))
         .unwrap_or(20_000);
     let mut tally = Tally::default();
-    let mut sequences = 0u64;
-    if let Some(seed) = env_u64("WAYBILL_INDEX_CRASH_SEED") {
+    let sequences = run_seeds("WAYBILL_INDEX_CRASH_SEED", 0x1d3c, |seed| {
         run_sequence(seed, &mut tally);
-        sequences = 1;
-    } else {
-        let first = env_u64("WAYBILL_SEED").unwrap_or(0x1d3c);
-        while tally.states < target && tally.violations.is_empty() {
-            run_sequence(first.wrapping_add(sequences), &mut tally);
-            sequences += 1;
-        }
-    }
+        tally.states < target && tally.violations.is_empty()
+    });
     println!(
         "index crash states explored: {} (read the index: {}, rebuilt: {}), violations: {}",
         tally.states,

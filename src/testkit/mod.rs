@@ -12,6 +12,30 @@ pub(crate) mod sim;
 #[cfg(test)]
 pub(crate) mod spy;
 
+/// A whole number from the environment variable `name`, if it holds one.
+pub(crate) fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Runs the seeded sequences of an exploration: only the one `replay` names when that variable
+/// is set, else one seed after another from `WAYBILL_SEED` (or `first`) for as long as `run`
+/// returns true. Returns how many ran.
+pub(crate) fn run_seeds(replay: &str, first: u64, mut run: impl FnMut(u64) -> bool) -> u64 {
+    if let Some(seed) = env_u64(replay) {
+        run(seed);
+        return 1;
+    }
+    let first = env_u64("WAYBILL_SEED").unwrap_or(first);
+    let mut sequences = 0u64;
+    loop {
+        let more = run(first.wrapping_add(sequences));
+        sequences += 1;
+        if !more {
+            return sequences;
+        }
+    }
+}
+
 /// Ids drawn from a seed, so a test that replays a seed makes the same ids (and the store lists
 /// them in the same order).
 pub(crate) mod seeded_ids {
