@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use crate::testkit::seeded_ids;
 use crate::testkit::sim::{Draw, Image, Input, Rng, Sim, Snapshot, Tear};
@@ -45,20 +44,12 @@ const FAULT_EVERY: u64 = 256;
 /// Operations per sequence.
 const STEPS: usize = 14;
 
-fn clock() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-}
+use crate::testkit::fixed_clock as clock;
 
 fn open(sim: &Arc<Sim>) -> crate::Result<Store> {
-    Store::builder()
-        .backend(Arc::clone(sim) as Arc<dyn crate::fs::Backend>)
-        .clock(clock)
-        .staging_grace(Duration::ZERO)
-        .flush_interval(Duration::from_secs(3600))
-        .background_flush(false)
+    crate::testkit::sim_builder(sim)
         // Batches of 3 sync with one file-system sync; batches of 2 file by file.
         .shared_sync_min(3)
-        .lock_timeout(Duration::from_millis(10))
         // The directories, the source of truth, are explored here; the index over them (and
         // the journal's part in it) is explored by `crash_index`, with states of its own.
         .index(false)

@@ -31,7 +31,6 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime};
 
 use crate::testkit::sim::{Image, Rng, Sim, Snapshot, Tear};
 use crate::testkit::{env_u64, run_seeds, seeded_ids};
@@ -55,18 +54,10 @@ const STEP_FAULT_EVERY: u64 = 4;
 /// The most calls of one step run again with an I/O error.
 const STEP_FAULTS: u64 = 48;
 
-fn clock() -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
-}
+use crate::testkit::fixed_clock as clock;
 
 fn open(sim: &Arc<Sim>, hold: bool) -> crate::Result<Store> {
-    Store::builder()
-        .backend(Arc::clone(sim) as Arc<dyn crate::fs::Backend>)
-        .clock(clock)
-        .staging_grace(Duration::ZERO)
-        .flush_interval(Duration::from_secs(3600))
-        .background_flush(false)
-        .lock_timeout(Duration::from_millis(10))
+    crate::testkit::sim_builder(sim)
         .index(hold)
         .journal_thresholds(CHECKPOINT, COMPACT)
         .open(ROOT)

@@ -12,6 +12,24 @@ pub(crate) mod sim;
 #[cfg(test)]
 pub(crate) mod spy;
 
+/// The fixed clock of the crash explorations: every run computes the same retry times.
+pub(crate) fn fixed_clock() -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)
+}
+
+/// A store builder on the simulated disk `sim`, as the crash explorations open it: the fixed
+/// clock, staging debris cleared at once, no background flusher, short lock waits.
+pub(crate) fn sim_builder(sim: &std::sync::Arc<sim::Sim>) -> crate::StoreBuilder {
+    use std::time::Duration;
+    crate::Store::builder()
+        .backend(std::sync::Arc::clone(sim) as std::sync::Arc<dyn crate::fs::Backend>)
+        .clock(fixed_clock)
+        .staging_grace(Duration::ZERO)
+        .flush_interval(Duration::from_secs(3600))
+        .background_flush(false)
+        .lock_timeout(Duration::from_millis(10))
+}
+
 /// A whole number from the environment variable `name`, if it holds one.
 pub(crate) fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
