@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::state as state_fmt;
-use crate::store::{
-    ErrorClass, FORMAT_FILE, GROUPS, LOCK_FILE, MANIFEST, PARTIAL, PAYLOAD, QUARANTINE, RESUME,
-    STAGING, STATE, Store, TRANSFERS, TRASH,
+use crate::layout::{
+    FORMAT_TEMP_PREFIX, MANIFEST, PARTIAL, PAYLOAD, QUARANTINE, RECORD_FILES, RECORD_TEMPS, RESUME,
+    ROOT_ENTRIES, STAGING, STATE, STRAY_PREFIX, TRANSFERS, TRASH,
 };
+use crate::store::{ErrorClass, Store};
 use crate::transfer::{Kind, TransferId};
 
 /// Which part of a record cannot be read.
@@ -130,23 +130,6 @@ pub struct Stats {
     pub bytes_on_disk: u64,
 }
 
-/// Names allowed inside a transfer's directory.
-const RECORD_FILES: [&str; 5] = [MANIFEST, STATE, PAYLOAD, PARTIAL, RESUME];
-/// Temporary files of interrupted download steps.
-const RECORD_TEMPS: [&str; 2] = ["resume.tmp", "payload.tmp"];
-/// Names allowed at the root (besides `FORMAT.tmp-*` of a store being created).
-const ROOT_ENTRIES: [&str; 9] = [
-    FORMAT_FILE,
-    LOCK_FILE,
-    TRANSFERS,
-    STAGING,
-    TRASH,
-    QUARANTINE,
-    GROUPS,
-    crate::index::INDEX_FILE,
-    crate::index::JOURNAL_FILE,
-];
-
 fn canonical(name: &std::ffi::OsStr) -> Option<TransferId> {
     name.to_str().and_then(TransferId::parse_canonical)
 }
@@ -162,7 +145,8 @@ impl Store {
         let mut r = CheckReport::default();
         for e in self.core.fs.list(self.root())? {
             let name = e.name.to_string_lossy();
-            let known = ROOT_ENTRIES.contains(&name.as_ref()) || name.starts_with("FORMAT.tmp-");
+            let known =
+                ROOT_ENTRIES.contains(&name.as_ref()) || name.starts_with(FORMAT_TEMP_PREFIX);
             if !known || e.is_symlink {
                 r.strays.push(self.root().join(&e.name));
             }
@@ -239,14 +223,8 @@ impl Store {
         };
         let state_path = dir.join(STATE);
         let mut ended = false;
-        match self.core.fs.read_bounded(&state_path, state_fmt::MAX_FILE) {
-            Ok(bytes) => {
-                let slots = state_fmt::decode_file(&bytes);
-                match state_fmt::newest_or_corrupt(&state_path, &slots) {
-                    Ok((_, slot)) => ended = slot.state.phase.is_terminal(),
-                    Err(e) => unreadable(RecordPart::State, state_path, e),
-                }
-            }
+        match crate::state_file::read_newest(&self.core.fs, &state_path) {
+            Ok(state) => ended = state.phase.is_terminal(),
             Err(e) if e.is_not_found_io() => {
                 if !self.still_there(dir) {
                     return Ok(()); // removed while we looked
@@ -414,7 +392,7 @@ impl Store {
         // step in another process is renaming it at the same moment.
         let _held = match parent.file_name().and_then(canonical) {
             Some(id) if self.is_entry_of(parent, TRANSFERS) => match self.lock_state(id) {
-                Ok((f, ..)) => Some(f),
+                Ok(l) => Some(l.file),
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(e),
             },
@@ -428,7 +406,7 @@ impl Store {
         let name: String = rel.chars().filter(|c| !c.is_control()).take(120).collect();
         let to = self
             .dir(QUARANTINE)
-            .join(format!("stray-{}-{name}", TransferId::new_v4()));
+            .join(format!("{STRAY_PREFIX}{}-{name}", TransferId::new_v4()));
         if _held.is_some()
             && let (Some(j), Some(id)) =
                 (&self.core.journal, parent.file_name().and_then(canonical))

@@ -30,11 +30,9 @@ use crate::format::index::{
     JournalHeader,
 };
 use crate::fs::{Backend, BootMark, Fs, Handle};
-use crate::store::{MANIFEST, RESUME, STAGING, STATE, TRANSFERS};
+use crate::layout::{INDEX_FILE, JOURNAL_FILE, MANIFEST, RESUME, STAGING, STATE, TRANSFERS};
+use crate::state_file;
 use crate::{Error, Result, TransferId};
-
-pub(crate) const JOURNAL_FILE: &str = "journal";
-pub(crate) const INDEX_FILE: &str = "index.redb";
 
 const CHUNKS: TableDefinition<u16, &[u8]> = TableDefinition::new("chunks");
 /// The same chunks' facts alone: what planning reads.
@@ -406,7 +404,7 @@ fn reread(fs: &Fs, root: &Path, id: TransferId) -> Result<Reread> {
     let state = match fs.open_read(&state_path) {
         Ok(f) => {
             settled = fs.try_lock(&f, &state_path)?;
-            crate::state_file::newest_slot(&crate::state_file::read_slots(fs, &f, &state_path)?)
+            state_file::newest_slot(&state_file::read_slots(fs, &f, &state_path)?)
         }
         Err(e) if e.is_corrupt() || e.is_not_found_io() => Vec::new(),
         Err(e) => return Err(e),
@@ -1173,7 +1171,7 @@ mod tests {
     /// directories' whole records, for tasks matched by tag, by URL, finished and unknown.
     fn assert_plans_match(holder: &Store, truth: &[Transfer], what: &str) {
         use crate::reconcile::{self, ReconcileOptions, Sessions, Task};
-        let now = crate::format::from_ms(1_900_000_000_000);
+        let now = crate::transfer::from_ms(1_900_000_000_000);
         let mut tasks: Vec<Task> = truth
             .iter()
             .enumerate()
@@ -1214,7 +1212,7 @@ mod tests {
         use std::time::Duration;
         let d = tempfile::tempdir().unwrap();
         let s = small().open(d.path()).unwrap();
-        let now = crate::format::from_ms(1_900_000_000_000);
+        let now = crate::transfer::from_ms(1_900_000_000_000);
         let mk = |t: NewTransfer| s.create(t).unwrap();
         let dl = |i: usize| NewTransfer::download(format!("https://x/f{i}"));
         mk(dl(0).idempotency_key("order-7"));
@@ -1325,7 +1323,7 @@ mod tests {
             let want = reconcile::plan(&sessions, &tasks, &records, &corrupt, now, &opts).unwrap();
             let got = s.reconcile_with(&sessions, &tasks, now, &opts).unwrap();
             assert_eq!(got, want);
-            assert!(s.held.lock().unwrap().is_some(), "planned from the index");
+            assert!(s.index.lock().unwrap().is_some(), "planned from the index");
         }
         let _ = (waiting, partial, resumable, failed, cancelled);
     }
@@ -1469,7 +1467,7 @@ mod tests {
         }
         let s = small().open(d.path()).unwrap();
         let (records, corrupt) = whole_records(&s);
-        let now = crate::format::from_ms(1_900_000_000_000);
+        let now = crate::transfer::from_ms(1_900_000_000_000);
         let opts = crate::ReconcileOptions::default();
         let want =
             crate::reconcile::plan(&crate::Sessions::All, &[], &records, &corrupt, now, &opts);
@@ -1517,7 +1515,7 @@ mod tests {
         let holder = small().open(d.path()).unwrap();
         let other = small().index(false).open(d.path()).unwrap();
         assert!(
-            holder.held.lock().unwrap().is_some(),
+            holder.index.lock().unwrap().is_some(),
             "the first handle holds the index"
         );
         let mut all = ids(6, &holder);

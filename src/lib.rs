@@ -54,6 +54,7 @@ mod format;
 mod fs;
 mod group;
 mod index;
+mod layout;
 mod reconcile;
 mod state_file;
 mod store;

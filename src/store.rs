@@ -10,25 +10,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{Corruption, Error, ErrorKind, Result};
 use crate::format::index::IndexRecord;
-use crate::format::{self, manifest, state as state_fmt};
+use crate::format::{self, manifest};
 use crate::fs::{self as wfs, Fs, Handle, Placed};
+use crate::layout::{
+    self, FORMAT_FILE, FORMAT_TEMP_PREFIX, LOCK_FILE, MANIFEST, PARTIAL, PAYLOAD, PAYLOAD_TEMP,
+    QUARANTINE, RESUME, RESUME_TEMP, ROOT_DIRS, STAGING, STATE, TRANSFERS, TRASH,
+};
+use crate::state_file::{self, Locked, StateFiles};
 use crate::transfer::{
     FailReason, Kind, LinkMode, Manifest, NewTransfer, Outcome, PayloadFacts, Phase, Request,
     State, TaskBinding, Transfer, TransferId, UploadSource,
 };
-
-pub(crate) const FORMAT_FILE: &str = "FORMAT";
-pub(crate) const LOCK_FILE: &str = "lock";
-pub(crate) const TRANSFERS: &str = "transfers";
-pub(crate) const STAGING: &str = "staging";
-pub(crate) const TRASH: &str = "trash";
-pub(crate) const QUARANTINE: &str = "quarantine";
-pub(crate) const GROUPS: &str = "groups";
-pub(crate) const MANIFEST: &str = "manifest";
-pub(crate) const STATE: &str = "state";
-pub(crate) const PAYLOAD: &str = "payload";
-pub(crate) const PARTIAL: &str = "partial";
-pub(crate) const RESUME: &str = "resume";
 
 /// The longest session, group name, idempotency key, tag or header name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 100;
@@ -395,7 +387,7 @@ pub(crate) struct IndexTally {
 }
 
 #[derive(Debug, Default)]
-struct TaskIndex {
+struct TaskMap {
     by_task: HashMap<(String, u64), TransferId>,
     by_tag: HashMap<String, TransferId>,
 }
@@ -405,9 +397,10 @@ struct TaskIndex {
 pub struct Store {
     pub(crate) core: Arc<Core>,
     cfg: StoreBuilder,
-    index: Mutex<TaskIndex>,
+    /// Platform task and tag to transfer, for the lookups of [`Store::find_by_task`].
+    tasks: Mutex<TaskMap>,
     /// The derived index, while this handle holds it.
-    pub(crate) held: Mutex<Option<crate::index::Index>>,
+    pub(crate) index: Mutex<Option<crate::index::Index>>,
     /// How often this handle read the index, rebuilt it from the directories, and wrote the
     /// journal's changes into it.
     pub(crate) index_tally: IndexTally,
@@ -472,50 +465,14 @@ impl Flusher {
 pub(crate) struct Core {
     root: PathBuf,
     pub(crate) fs: Fs,
-    lock_timeout: Duration,
     flush_interval: Duration,
     manifests: Mutex<HashMap<TransferId, Arc<Manifest>>>,
     pending: Mutex<HashMap<TransferId, PendingProgress>>,
-    /// State files kept open (and unlocked) after an update, oldest first, each with the
-    /// metadata its directory had then: the next update of the same transfer locks the open
-    /// file and checks the directory instead of opening the file again.
-    open_states: Mutex<std::collections::VecDeque<OpenState>>,
+    /// The state files: their locks, and those kept open between updates.
+    states: StateFiles,
     /// The change journal (real file system only; `None` where this system cannot tell its
     /// boots apart, or on a store opened read-only without one).
     pub(crate) journal: Option<crate::index::Journal>,
-}
-
-/// How many state files a store keeps open between updates (file descriptors are a limited
-/// resource in an app: 256 by default on iOS).
-const OPEN_STATES: usize = 16;
-
-/// A state file kept open between updates.
-#[derive(Debug)]
-struct OpenState {
-    id: TransferId,
-    file: Handle,
-    /// The transfer directory's metadata when the file was last locked in it.
-    dir: wfs::Meta,
-}
-
-/// A state file locked for a change.
-pub(crate) struct LockedState {
-    pub(crate) file: Handle,
-    pub(crate) path: PathBuf,
-    pub(crate) dir: PathBuf,
-    /// Whether the file was created (its directory then needs a sync).
-    pub(crate) created: bool,
-    /// The directory's metadata, checked after the lock was taken.
-    dir_meta: wfs::Meta,
-}
-
-/// True when `now` is the directory `then` described: the same inode, not changed since. Any
-/// change to the directory (a file added or removed in it) makes it false, as does the name
-/// now being a different directory that happens to reuse the inode number.
-fn same_dir(now: &wfs::Meta, then: &wfs::Meta) -> bool {
-    cfg!(unix)
-        && now.is_dir()
-        && (now.dev, now.ino, now.mtime_ns) == (then.dev, then.ino, then.mtime_ns)
 }
 
 impl fmt::Debug for Store {
@@ -577,7 +534,7 @@ impl Core {
     }
 
     pub(crate) fn transfer_dir(&self, id: TransferId) -> PathBuf {
-        self.root.join(TRANSFERS).join(id.to_string())
+        layout::transfer_dir(&self.root, id)
     }
 
     /// The manifest of `id`, from the cache or from disk.
@@ -621,35 +578,6 @@ impl Core {
         Ok(m)
     }
 
-    /// Decodes a state file's bytes; when no slot is valid, rebuilds it from the manifest.
-    pub(crate) fn decode_state(
-        &self,
-        id: TransferId,
-        path: &Path,
-        bytes: &[u8],
-    ) -> (State, Option<(usize, u64)>) {
-        let slots = state_fmt::decode_file(bytes);
-        match state_fmt::newest_or_corrupt(path, &slots) {
-            Ok((i, slot)) => {
-                // Slot 1 of a new transfer was never written (the file ends before it); any
-                // other invalid slot is a torn or damaged write that we just read past.
-                let other = 1 - i;
-                let written = bytes.len() > other * state_fmt::SLOT_CAPACITY;
-                if let Some(Err(c)) = slots.slot.get(other)
-                    && written
-                {
-                    tracing::warn!(transfer = %id, slot = other, reason = %c, "state slot fallback: using the other slot");
-                }
-                (slot.state, Some((i, slot.seq)))
-            }
-            Err(_) => {
-                let mut s = State::new();
-                s.rebuilt = true;
-                (s, None)
-            }
-        }
-    }
-
     /// The transfer's directory, checked to be a real directory (never followed through a
     /// symlink). A missing directory is `NotFound` and evicts the cached manifest.
     pub(crate) fn checked_dir(&self, id: TransferId) -> Result<PathBuf> {
@@ -679,98 +607,16 @@ impl Core {
         }
     }
 
-    /// Opens the transfer's state file and takes its lock, then checks that the directory at
-    /// `transfers/<id>` is still the one the file was opened in: a removal or quarantine in
-    /// another process may have moved it while this one waited. Returns the file, its path,
-    /// the directory, and whether the file was created (its directory then needs a sync).
-    ///
-    /// The check looks at the directory, never at the state file: on Linux 6.13 and later a
-    /// `stat` of a file makes its next write take a fine-grained timestamp, which dirties the
-    /// inode and made every durable update about 1.5× as slow on ext4. Nothing replaces a
-    /// state file inside its directory; removal and quarantine move the whole directory.
-    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
-        self.lock_state_meta(id)
-            .map(|l| (l.file, l.path, l.dir, l.created))
-    }
-
-    /// [`Core::lock_state`], with the directory's metadata as seen after the lock was taken.
-    fn lock_state_meta(&self, id: TransferId) -> Result<LockedState> {
-        for _ in 0..3 {
-            let (dir, before) = self.checked_dir_meta(id)?;
-            let path = dir.join(STATE);
-            let (file, created) = match self.fs.open_rw(&path) {
-                Ok(f) => (f, false),
-                Err(e) if e.is_not_found_io() => self.fs.open_or_create(&path)?,
-                Err(e) => return Err(e),
-            };
-            self.fs.lock(&file, &path, self.lock_timeout)?;
-            match self.fs.lstat(&dir) {
-                Ok(m) if m.same_entry(&before) => {
-                    return Ok(LockedState {
-                        file,
-                        path,
-                        dir,
-                        created,
-                        dir_meta: m,
-                    });
-                }
-                Err(e) if !e.is_not_found_io() => return Err(e),
-                // Moved or replaced while we waited: look again (NotFound if it is gone).
-                _ => {}
-            }
-        }
-        Err(ErrorKind::Busy {
-            path: self.transfer_dir(id).join(STATE),
-        }
-        .into())
-    }
-
-    /// [`Core::lock_state`] for an update: first tries a state file kept open by the last update
-    /// of `id` (a lock, and a check that its directory is unchanged, instead of an open).
-    fn lock_state_for_update(&self, id: TransferId) -> Result<LockedState> {
-        let kept = {
-            let mut g = lock(&self.open_states);
-            g.iter().position(|o| o.id == id).and_then(|i| g.remove(i))
-        };
-        if let Some(o) = kept {
-            let dir = self.transfer_dir(id);
-            let path = dir.join(STATE);
-            self.fs.lock(&o.file, &path, self.lock_timeout)?;
-            if let Ok(m) = self.fs.lstat(&dir)
-                && same_dir(&m, &o.dir)
-            {
-                return Ok(LockedState {
-                    file: o.file,
-                    path,
-                    dir,
-                    created: false,
-                    dir_meta: m,
-                });
-            }
-            // Moved, replaced or changed since: open it afresh (dropping `o` unlocks it).
-        }
-        self.lock_state_meta(id)
-    }
-
-    /// Unlocks a state file after an update and keeps it open for the next one.
-    fn keep_state(&self, id: TransferId, l: LockedState) {
-        if !cfg!(unix) || self.fs.unlock(&l.file, &l.path).is_err() {
-            return; // Dropping it closes the file, which releases the lock.
-        }
-        let mut g = lock(&self.open_states);
-        g.push_back(OpenState {
-            id,
-            file: l.file,
-            dir: l.dir_meta,
-        });
-        if g.len() > OPEN_STATES {
-            g.pop_front();
-        }
+    /// Opens the transfer's state file and takes its lock ([`StateFiles::lock`]).
+    pub(crate) fn lock_state(&self, id: TransferId) -> Result<Locked> {
+        self.states.lock(&self.fs, &self.transfer_dir(id), || {
+            self.checked_dir_meta(id)
+        })
     }
 
     /// Closes the state file kept open for `id`, if any (its directory is going away).
     pub(crate) fn forget_state(&self, id: TransferId) {
-        lock(&self.open_states).retain(|o| o.id != id);
+        self.states.forget(id);
     }
 
     /// Journals what `id` is now (its newest state slot `state`), under its lock, with the
@@ -807,14 +653,18 @@ impl Core {
     ) -> Result<R> {
         self.fs.check()?;
         let manifest = self.manifest(id)?;
-        let locked = self.lock_state_for_update(id)?;
-        let (file, path, dir, created) = (&locked.file, &locked.path, &locked.dir, locked.created);
+        let dir_path = self.transfer_dir(id);
+        let locked = self
+            .states
+            .lock_for_update(&self.fs, id, &dir_path, || self.checked_dir_meta(id))?;
+        let dir = &locked.dir;
         let held = match &self.journal {
             Some(j) => j.intent_held(&self.root, id)?,
             None => None,
         };
-        let bytes = crate::state_file::read_slots(&self.fs, file, path)?;
-        let (mut state, newest) = self.decode_state(id, path, &bytes);
+        let slots = locked.read(&self.fs, id)?;
+        let newest = slots.newest;
+        let mut state = slots.state.clone();
         if newest.is_none() {
             tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
         }
@@ -835,38 +685,15 @@ impl Core {
         let (answer, f_changed) = f(&manifest, &mut state, dir)?;
         let mut keep = false;
         if changed || f_changed {
-            let (slot, seq) = match newest {
-                Some((i, seq)) => (
-                    1 - i,
-                    seq.checked_add(1).ok_or_else(|| {
-                        Error::corrupt(
-                            path,
-                            Corruption::Length {
-                                slot: Some(i as u8),
-                                found: seq,
-                                max: u64::MAX - 1,
-                            },
-                        )
-                    })?,
-                ),
-                None => (0, 1),
-            };
-            let enc = state_fmt::encode_slot(seq, &state)?;
-            self.fs
-                .write_at(file, path, (slot * state_fmt::SLOT_CAPACITY) as u64, &enc)?;
-            self.fs.sync_data(file, path)?;
-            if created {
-                self.fs.sync_dir(dir)?;
-            }
+            let enc = locked.write_next(&self.fs, newest, &state)?;
             self.journal_entry(held, id, &manifest, dir, enc);
-            tracing::debug!(transfer = %id, op, phase = %state.phase, seq, "state written");
+            tracing::debug!(transfer = %id, op, phase = %state.phase, "state written");
             keep = true;
         } else {
             // `f` may have changed files (resume data) or moved the directory away (a purge):
             // an entry only for a directory still in place; the intent covers the rest.
             if held.is_some() && self.fs.lstat(dir).is_ok_and(|m| m.is_dir()) {
-                let newest = crate::state_file::newest_slot(&bytes);
-                self.journal_entry(held, id, &manifest, dir, newest);
+                self.journal_entry(held, id, &manifest, dir, slots.newest_bytes());
             }
             tracing::debug!(transfer = %id, op, "no change");
         }
@@ -880,7 +707,7 @@ impl Core {
             }
         }
         if keep {
-            self.keep_state(id, locked);
+            self.states.keep(&self.fs, id, locked);
         }
         Ok(answer)
     }
@@ -899,7 +726,7 @@ impl Store {
         self.core.checked_dir(id)
     }
 
-    pub(crate) fn lock_state(&self, id: TransferId) -> Result<(Handle, PathBuf, PathBuf, bool)> {
+    pub(crate) fn lock_state(&self, id: TransferId) -> Result<Locked> {
         self.core.lock_state(id)
     }
 
@@ -1014,7 +841,7 @@ fn set_request(s: &mut State, mut r: Request) -> Result<()> {
         reason: FailReason::GaveUp,
         error: text,
     });
-    state_fmt::encode_slot(u64::MAX, &worst).map(|_| ())
+    state_file::check_fits(&worst)
 }
 
 fn truncate_text(s: &str) -> String {
@@ -1103,7 +930,7 @@ impl Store {
         // Write to a unique temporary name, sync, then rename: racing creators write identical
         // bytes, so whichever rename lands last changes nothing.
         let write_format = || -> Result<()> {
-            let tmp = root.join(format!("FORMAT.tmp-{}", TransferId::new_v4()));
+            let tmp = root.join(format!("{FORMAT_TEMP_PREFIX}{}", TransferId::new_v4()));
             let f = fs.create_new(&tmp)?;
             fs.write_all(&f, &tmp, &format::encode_store_format())?;
             fs.sync_data(&f, &tmp)?;
@@ -1136,7 +963,7 @@ impl Store {
         // or the lock file), so inspecting it writes nothing.
         let lock_file = if cfg.create {
             let mut made = false;
-            for d in [TRANSFERS, STAGING, TRASH, QUARANTINE, GROUPS] {
+            for d in ROOT_DIRS {
                 made |= fs.create_dir(&root.join(d))?;
             }
             let (f, lock_created) = fs.open_or_create(&lock_path)?;
@@ -1173,18 +1000,17 @@ impl Store {
         let core = Arc::new(Core {
             root: root.to_path_buf(),
             fs,
-            lock_timeout: cfg.lock_timeout,
             flush_interval: cfg.flush_interval,
             manifests: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
-            open_states: Mutex::new(std::collections::VecDeque::new()),
+            states: StateFiles::new(cfg.lock_timeout),
             journal,
         });
         let mut store = Store {
             core,
             cfg,
-            index: Mutex::new(TaskIndex::default()),
-            held: Mutex::new(None),
+            tasks: Mutex::new(TaskMap::default()),
+            index: Mutex::new(None),
             index_tally: IndexTally::default(),
             report,
             flusher: std::sync::OnceLock::new(),
@@ -1926,7 +1752,7 @@ impl Store {
             path: mpath,
             written: true,
         });
-        let slot = state_fmt::encode_slot(1, &State::new())?;
+        let slot = state_file::first_slot()?;
         self.core.fs.write_at(&state, &state_path, 0, &slot)?;
         if !shared {
             let sf = self.core.fs.dup(&state, &state_path)?;
@@ -1951,7 +1777,7 @@ impl Store {
         let path = dir.join(STATE);
         let read = || -> Result<Vec<u8>> {
             match self.core.fs.open_read(&path) {
-                Ok(f) => crate::state_file::read_slots(&self.core.fs, &f, &path),
+                Ok(f) => state_file::read_slots(&self.core.fs, &f, &path),
                 // Missing state: the transfer is being removed (NotFound), or the file was lost
                 // (rebuilt below).
                 Err(e) if e.is_not_found_io() => self.checked_dir(id).map(|_| Vec::new()),
@@ -1959,13 +1785,13 @@ impl Store {
             }
         };
         let bytes = read()?;
-        let (state, newest) = self.core.decode_state(id, &path, &bytes);
+        let (state, newest) = state_file::decode(id, &path, &bytes);
         if newest.is_some() || bytes.is_empty() {
             return Ok(state);
         }
         // Both slots invalid: two writes may have overlapped this lock-free read. Read again.
         let bytes = read()?;
-        let (state, newest) = self.core.decode_state(id, &path, &bytes);
+        let (state, newest) = state_file::decode(id, &path, &bytes);
         if newest.is_none() {
             tracing::warn!(transfer = %id, "no valid state slot; state rebuilt from the manifest");
         }
@@ -2035,7 +1861,7 @@ impl Store {
             s.next_attempt = None;
             Ok(((), true))
         })?;
-        let mut idx = lock(&self.index);
+        let mut idx = lock(&self.tasks);
         idx.by_task.insert((task.session, task.task_id), id);
         if let Some(tag) = task.tag {
             idx.by_tag.insert(tag, id);
@@ -2402,7 +2228,7 @@ impl Store {
         self.core.forget_state(id);
         lock(&self.core.manifests).remove(&id);
         lock(&self.core.pending).remove(&id);
-        let mut idx = lock(&self.index);
+        let mut idx = lock(&self.tasks);
         idx.by_task.retain(|_, v| *v != id);
         idx.by_tag.retain(|_, v| *v != id);
     }
@@ -2422,7 +2248,7 @@ impl Store {
         // Hold the transfer's lock (when its state file can be locked) so no update lands in a
         // directory being moved aside.
         let _held = match self.lock_state(id) {
-            Ok((f, ..)) => Some(f),
+            Ok(l) => Some(l.file),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -2551,11 +2377,11 @@ impl Store {
     pub(crate) fn after_wholes(&self, wholes: Option<&crate::index::Wholes>) {
         if wholes.is_some_and(crate::index::Wholes::damaged) {
             tracing::error!("index lacks whole records its facts name; deleting it to rebuild");
-            *lock(&self.held) = None;
+            *lock(&self.index) = None;
             let _ = self
                 .core
                 .fs
-                .remove_file(&self.core.root.join(crate::index::INDEX_FILE));
+                .remove_file(&self.core.root.join(layout::INDEX_FILE));
         }
     }
 
@@ -2613,11 +2439,11 @@ impl Store {
             tracing::error!(
                 "index record facts do not decode; deleting the index to rebuild, reading the directories"
             );
-            *lock(&self.held) = None;
+            *lock(&self.index) = None;
             let _ = self
                 .core
                 .fs
-                .remove_file(&self.core.root.join(crate::index::INDEX_FILE));
+                .remove_file(&self.core.root.join(layout::INDEX_FILE));
         }
         viewed
     }
@@ -2629,7 +2455,7 @@ impl Store {
         if !self.cfg.hold_index || !self.cfg.create {
             return None;
         }
-        let mut held = lock(&self.held);
+        let mut held = lock(&self.index);
         if held.as_ref().is_some_and(|i| !i.still_in_place()) {
             *held = None;
         }
@@ -2660,7 +2486,7 @@ impl Store {
                 let _ = self
                     .core
                     .fs
-                    .remove_file(&self.core.root.join(crate::index::INDEX_FILE));
+                    .remove_file(&self.core.root.join(layout::INDEX_FILE));
                 None
             }
         }
@@ -2683,7 +2509,7 @@ impl Store {
     /// # Ok(()) }
     /// ```
     pub fn release_index(&self) -> bool {
-        let mut held = lock(&self.held);
+        let mut held = lock(&self.index);
         let Some(index) = held.as_ref() else {
             return false;
         };
@@ -2718,7 +2544,7 @@ impl Store {
             .into_iter()
             .map(|(t, _)| t)
             .collect();
-        let mut idx = TaskIndex::default();
+        let mut idx = TaskMap::default();
         for t in &all {
             if let Some(b) = &t.state.binding {
                 idx.by_task.insert((b.session.clone(), b.task_id), t.id());
@@ -2727,17 +2553,17 @@ impl Store {
                 }
             }
         }
-        *lock(&self.index) = idx;
+        *lock(&self.tasks) = idx;
         Ok(all)
     }
 
     fn lookup(
         &self,
-        key: impl Fn(&TaskIndex) -> Option<TransferId>,
+        key: impl Fn(&TaskMap) -> Option<TransferId>,
         accept: impl Fn(&Transfer) -> bool,
     ) -> Result<Option<Transfer>> {
         self.core.fs.check()?;
-        let hit = key(&lock(&self.index));
+        let hit = key(&lock(&self.tasks));
         if let Some(id) = hit {
             match self.get(id) {
                 Ok(t) if accept(&t) => return Ok(Some(t)),
@@ -2834,7 +2660,7 @@ impl Store {
             if m.kind != Kind::Download {
                 return Err(Error::invalid(format!("transfer {id} is not a download")));
             }
-            let tmp = dir.join("resume.tmp");
+            let tmp = dir.join(RESUME_TEMP);
             let f = self.core.fs.create_truncate(&tmp)?;
             self.core.fs.write_all(&f, &tmp, data)?;
             self.core.fs.sync_data(&f, &tmp)?;
@@ -2887,7 +2713,7 @@ impl Store {
             let moved = match self.core.fs.rename(file, &dst) {
                 Ok(()) => true,
                 Err(e) if wfs::is_cross_device(&e) => {
-                    let tmp = dir.join("payload.tmp");
+                    let tmp = dir.join(PAYLOAD_TEMP);
                     self.core.fs.remove_file(&tmp)?;
                     let (_, f) = self.core.fs.link_or_copy(file, &tmp, false, true, true)?;
                     let f = match f {
@@ -2912,7 +2738,8 @@ impl Store {
         })?;
         // Only now that the state says "downloaded" are the partial bytes and resume data moot.
         // Under the lock, journaled, since the index keeps whether resume data exists.
-        let (_held, _, dir, _) = self.lock_state(id)?;
+        let held = self.lock_state(id)?;
+        let dir = &held.dir;
         if let Some(j) = &self.core.journal {
             j.intent(&self.core.root, id)?;
         }
@@ -3062,7 +2889,7 @@ impl crate::reconcile::Planned for IndexedRecord<'_> {
         }
     }
     fn deadline(&self) -> Option<SystemTime> {
-        self.facts.deadline_ms.map(crate::format::from_ms)
+        self.facts.deadline_ms.map(crate::transfer::from_ms)
     }
     fn retry(&self) -> crate::transfer::RetryPolicy {
         crate::transfer::RetryPolicy {
@@ -3078,7 +2905,7 @@ impl crate::reconcile::Planned for IndexedRecord<'_> {
         self.facts.failures
     }
     fn next_attempt(&self) -> Option<SystemTime> {
-        self.facts.next_attempt_ms.map(crate::format::from_ms)
+        self.facts.next_attempt_ms.map(crate::transfer::from_ms)
     }
     fn binding(&self) -> Option<(&str, u64, Option<&str>)> {
         self.facts.binding

@@ -634,6 +634,22 @@ pub enum Durability {
     Coalesced,
 }
 
+/// Times are kept to the millisecond: on disk, in the index and in plans.
+/// Milliseconds since the Unix epoch; times before it are clamped to zero.
+pub(crate) fn to_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The inverse of [`to_ms`], saturating at the largest representable time.
+pub(crate) fn from_ms(ms: u64) -> std::time::SystemTime {
+    let d = std::time::Duration::from_millis(ms);
+    std::time::UNIX_EPOCH
+        .checked_add(d)
+        .unwrap_or(std::time::UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]

@@ -1,6 +1,7 @@
 //! The on-disk encoding. Every byte layout here is described in `docs/FORMAT.md`; offsets and
 //! sizes come from the named constants below. All integers are little-endian.
 
+pub(crate) mod group;
 pub(crate) mod index;
 pub(crate) mod manifest;
 pub(crate) mod meta;
@@ -9,6 +10,7 @@ pub(crate) mod state;
 use std::path::Path;
 
 use crate::error::{Corruption, Error, ErrorKind, Result};
+pub(crate) use crate::transfer::{from_ms, to_ms};
 
 /// The format version this build writes, and the newest it reads.
 pub const FORMAT_VERSION: u16 = 2;
@@ -102,21 +104,6 @@ pub(crate) fn decode_exact<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Res
         Ok((_, rest)) => Err(format!("{} trailing bytes", rest.len())),
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// Milliseconds since the Unix epoch; times before it are clamped to zero.
-pub(crate) fn to_ms(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The inverse of [`to_ms`], saturating at the largest representable time.
-pub(crate) fn from_ms(ms: u64) -> std::time::SystemTime {
-    let d = std::time::Duration::from_millis(ms);
-    std::time::UNIX_EPOCH
-        .checked_add(d)
-        .unwrap_or(std::time::UNIX_EPOCH)
 }
 
 #[cfg(test)]

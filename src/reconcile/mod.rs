@@ -499,6 +499,15 @@ impl Default for ReconcileOptions {
     }
 }
 
+/// Up to the first 8 bytes as a little-endian number, zero-padded.
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    for (d, s) in w.iter_mut().zip(bytes) {
+        *d = *s;
+    }
+    u64::from_le_bytes(w)
+}
+
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -511,8 +520,8 @@ fn jittered(t: &impl Planned, failures: u32, opts: &ReconcileOptions) -> Duratio
     let base = t.retry().backoff(failures);
     let id = t.id();
     let b = id.as_bytes();
-    let lo = u64::from_le_bytes(crate::format::fixed::<8>(b, 0));
-    let hi = u64::from_le_bytes(crate::format::fixed::<8>(b, 8));
+    let lo = le_u64(b.get(..8).unwrap_or_default());
+    let hi = le_u64(b.get(8..).unwrap_or_default());
     let h = splitmix(opts.jitter_seed ^ lo ^ splitmix(hi ^ u64::from(failures)));
     let unit = (h >> 11) as f64 / (1u64 << 53) as f64;
     let cut = opts.jitter.clamp(0.0, 1.0) * unit;
@@ -533,7 +542,7 @@ impl Hasher for Fx {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            self.write_u64(u64::from_le_bytes(crate::format::fixed::<8>(rest, 0)));
+            self.write_u64(le_u64(rest));
         }
     }
 
@@ -1285,7 +1294,7 @@ fn decide(
             };
         }
         let at = now.checked_add(jittered(t, failures, opts)).unwrap_or(now);
-        let at = crate::format::from_ms(crate::format::to_ms(at));
+        let at = crate::transfer::from_ms(crate::transfer::to_ms(at));
         return no_task(Some(task.failure_text()), failures, Some(at), tref);
     }
     if past(t.deadline(), now) {

@@ -86,7 +86,7 @@ fn view_of(store: &Store, t: &crate::Transfer) -> crate::Result<View> {
     };
     let (partial, resume) = if t.manifest.kind == crate::Kind::Download && !s.downloaded {
         let partial = if s.partial_len > 0 {
-            let mut p = read_file(store, &store.transfer_dir(id).join(crate::store::PARTIAL))?;
+            let mut p = read_file(store, &store.transfer_dir(id).join(crate::layout::PARTIAL))?;
             p.truncate(usize::try_from(s.partial_len).unwrap_or(usize::MAX));
             p
         } else {
@@ -728,7 +728,7 @@ fn explore(
         before: x.after,
         ..*x
     };
-    let journal = Path::new(ROOT).join(crate::index::JOURNAL_FILE);
+    let journal = Path::new(ROOT).join(crate::layout::JOURNAL_FILE);
     for (si, snap) in snaps.iter().enumerate() {
         tally.snapshots += 1;
         let acked = !recovery && snap.call == "end";

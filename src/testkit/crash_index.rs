@@ -237,7 +237,7 @@ fn exec(
             Some(s) => s
                 .core
                 .fs
-                .remove_file(&Path::new(ROOT).join(crate::index::INDEX_FILE)),
+                .remove_file(&Path::new(ROOT).join(crate::layout::INDEX_FILE)),
             None => Ok(()),
         },
         Step::Reopen(w) => {
@@ -300,7 +300,7 @@ fn check(sim: &Arc<Sim>, ids: &[TransferId]) -> Result<Came, String> {
     if t.read.load(Relaxed) + rebuilt == before {
         return Err("the reconcile did not plan through the index (its sync failed)".into());
     }
-    if holder.held.lock().map(|h| h.is_none()).unwrap_or(true) {
+    if holder.index.lock().map(|h| h.is_none()).unwrap_or(true) {
         return Err(
             "the holder dropped its index while planning (facts or records damaged)".into(),
         );
@@ -518,7 +518,7 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
     } else {
         usize::MAX
     };
-    let journal = Path::new(ROOT).join(crate::index::JOURNAL_FILE);
+    let journal = Path::new(ROOT).join(crate::layout::JOURNAL_FILE);
     let journal_len = |sim: &Sim| len_after_of(sim, &journal);
     for i in 0..STEPS {
         let step = next_step(&mut rng, ids.len());

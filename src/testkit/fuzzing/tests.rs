@@ -105,7 +105,7 @@ fn tree_of(root: &Path) -> std::io::Result<Vec<Entry>> {
             let mut p = at.to_vec();
             p.push(e.file_name().to_string_lossy().into_owned());
             let t = e.file_type()?;
-            if p == [crate::index::INDEX_FILE] {
+            if p == [crate::layout::INDEX_FILE] {
                 // Derived, and rebuilt from the rest: a seed needs only the journal.
                 continue;
             }
