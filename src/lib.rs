@@ -47,12 +47,9 @@
         reason = "unit tests index buffers they built themselves"
     )
 )]
-
-mod check;
 mod error;
 mod format;
 mod fs;
-mod group;
 mod index;
 mod layout;
 mod reconcile;
@@ -76,17 +73,16 @@ mod value;
 #[doc(hidden)]
 pub use testkit::fuzzing;
 
-pub use check::{CheckReport, GcReport, RecordPart, RepairReport, Stats, Unreadable};
 pub use error::{Corruption, Error, ErrorKind, Result};
 pub use format::FORMAT_VERSION;
-pub use group::{GroupClaim, GroupSummary};
 pub use reconcile::{
-    Action, ApplyReport, CancelReason, Plan, ReconcileOptions, Record, ResumeFrom, Sessions, Task,
-    TaskRef, TaskState, plan, plan_reset,
+    Action, CancelReason, Plan, ReconcileOptions, Record, ResumeFrom, Sessions, Task, TaskRef,
+    TaskState, plan, plan_reset,
 };
 pub use store::{
-    CancelResult, Completion, ErrorClass, FailResult, Filter, MAX_ERROR_BYTES, MAX_NAME_BYTES,
-    MAX_RESUME_BYTES, OpenReport, Scan, Store, StoreBuilder,
+    ApplyReport, CancelResult, CheckReport, Completion, ErrorClass, FailResult, Filter, GcReport,
+    GroupClaim, GroupSummary, MAX_ERROR_BYTES, MAX_NAME_BYTES, MAX_RESUME_BYTES, OpenReport,
+    RecordPart, RepairReport, Scan, Stats, Store, StoreBuilder, Unreadable,
 };
 pub use transfer::{
     DEFAULT_SESSION, Durability, FailReason, Header, Kind, LinkMode, Manifest, NewTransfer,

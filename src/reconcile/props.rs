@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use proptest::prelude::*;
 
 use super::*;
-use crate::transfer::{Manifest, PayloadFacts, RetryPolicy, State};
+use crate::transfer::{Manifest, PayloadFacts, RetryPolicy, State, TaskBinding};
 use crate::value::Value;
 
 const SESSIONS: [&str; 3] = ["s1", "s2", "s3"];
