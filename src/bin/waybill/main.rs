@@ -17,9 +17,7 @@ use waybill::{
     UploadSource,
 };
 
-#[path = "waybill/json.rs"]
 mod json;
-#[path = "waybill/time.rs"]
 mod time;
 
 #[derive(Parser)]
