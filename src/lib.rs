@@ -50,6 +50,7 @@
 mod error;
 mod format;
 mod fs;
+mod id;
 mod index;
 mod layout;
 mod reconcile;
