@@ -1,7 +1,7 @@
 //! Coalesced progress: reports accepted per second, and syncs per transfer per second, with
 //! the default flush interval (1 s). Goal: ≥ 1,000,000 reports/s, and at most one sync per
 //! transfer per interval. Syncs are counted from the state slots' sequence numbers (each
-//! durable write takes the next one; docs/FORMAT.md §2.2), so the bench needs no hooks.
+//! durable write takes the next one; docs/FORMAT.md §1.4), so the bench needs no hooks.
 
 #![allow(
     clippy::unwrap_used,

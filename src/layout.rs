@@ -1,4 +1,4 @@
-//! The names of the store's files and folders, and the paths built from them (FORMAT.md §1).
+//! The names of the store's files and folders, and the paths built from them (FORMAT.md §1.1).
 //! Every other module asks here; none spells a name on disk itself.
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! The two-slot state file (FORMAT.md §2.2), its one owner: locking it (and checking that its
+//! The two-slot state file (FORMAT.md §1.4, §3.2), its one owner: locking it (and checking that its
 //! directory did not move meanwhile), the cache of files kept open between updates, reading
 //! the newest valid slot, writing the next one. Nothing else outside `format::state` touches
 //! the slot encoding.

@@ -1,4 +1,4 @@
-//! Every row of the reconcile table (DESIGN.md), plus ambiguity, a missing tag, a reused task id
+//! Every row of the reconcile table (docs/ARCHITECTURE.md, "Reconcile"), plus ambiguity, a missing tag, a reused task id
 //! with a different URL, a completed-with-error task, a reset and a tag shared by unrelated
 //! tasks, each planned against a real store and, where the store changes, applied and planned
 //! again.

@@ -327,7 +327,7 @@ fn deeply_nested_metadata_is_refused_without_recursing_into_it() -> TestResult {
         UploadSource::Bytes(b"good".to_vec()),
     ))?;
     // A victim whose metadata is one map entry holding 60,000 bytes: the metadata field ends
-    // the manifest body, 15 + 60,000 bytes long (FORMAT.md §2.2, §2.5).
+    // the manifest body, 15 + 60,000 bytes long (FORMAT.md §1.2, §1.3).
     let len = 60_000;
     let victim = store.create(
         NewTransfer::upload(

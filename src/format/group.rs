@@ -1,4 +1,4 @@
-//! A group's tally of purged members (FORMAT.md, "Group tallies"): fixed-size checksummed records, one
+//! A group's tally of purged members (FORMAT.md §1.5): fixed-size checksummed records, one
 //! per purged member, appended to the group's `purged` file.
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! The derived index's encodings (FORMAT.md §2.6, §2.7, §3.8): the change journal's header and frames, and
+//! The derived index's encodings (FORMAT.md §1.6, §1.7, §3.8): the change journal's header and frames, and
 //! the records the index keeps per transfer. None of this is the source of truth: anything
 //! that fails to decode makes the index rebuild itself from the transfer directories.
 
@@ -356,7 +356,7 @@ impl IndexRecord {
 }
 
 /// What the planner reads of a record, derived from its manifest and newest state slot when the
-/// record is made (FORMAT.md §2.7), so that planning decodes neither. Strings borrow from the
+/// record is made (FORMAT.md §1.7), so that planning decodes neither. Strings borrow from the
 /// chunk. A record whose manifest fails its checks has `ok` false and nothing else set.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub(crate) struct Facts<'a> {
