@@ -203,6 +203,54 @@ impl Error {
         ErrorKind::NotFound { what: what.into() }.into()
     }
 
+    /// A copy of this error for another change it also decides (every change a failed shared
+    /// flush covered): the same kind and facts; an I/O source keeps its OS error code, or
+    /// else its kind and message.
+    pub(crate) fn duplicate(&self) -> Self {
+        let io_copy = |e: &io::Error| match e.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(e.kind(), e.to_string()),
+        };
+        match &*self.0 {
+            ErrorKind::Io { op, path, source } => ErrorKind::Io {
+                op,
+                path: path.clone(),
+                source: io_copy(source),
+            },
+            ErrorKind::Unavailable { op, path, source } => ErrorKind::Unavailable {
+                op,
+                path: path.clone(),
+                source: io_copy(source),
+            },
+            ErrorKind::Corrupt { path, detail } => ErrorKind::Corrupt {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            ErrorKind::UnsupportedVersion {
+                path,
+                found,
+                supported,
+            } => ErrorKind::UnsupportedVersion {
+                path: path.clone(),
+                found: *found,
+                supported: *supported,
+            },
+            ErrorKind::NotFound { what } => ErrorKind::NotFound { what: what.clone() },
+            ErrorKind::InvalidArgument { reason } => ErrorKind::InvalidArgument {
+                reason: reason.clone(),
+            },
+            ErrorKind::PayloadChanged { id, detail } => ErrorKind::PayloadChanged {
+                id: *id,
+                detail: detail.clone(),
+            },
+            ErrorKind::Poisoned { cause } => ErrorKind::Poisoned {
+                cause: cause.clone(),
+            },
+            ErrorKind::Busy { path } => ErrorKind::Busy { path: path.clone() },
+        }
+        .into()
+    }
+
     /// The raw OS error of an I/O error, if any.
     pub(crate) fn raw_os_error(&self) -> Option<i32> {
         match &*self.0 {

@@ -81,9 +81,9 @@ pub use reconcile::{
     TaskState, plan, plan_reset,
 };
 pub use store::{
-    ApplyReport, CancelResult, CheckReport, Completion, ErrorClass, FailResult, Filter, GcReport,
-    GroupClaim, GroupSummary, MAX_ERROR_BYTES, MAX_NAME_BYTES, MAX_RESUME_BYTES, OpenReport,
-    RecordPart, RepairReport, Scan, Stats, Store, StoreBuilder, Unreadable,
+    ApplyReport, Batch, CancelResult, Changed, CheckReport, Completion, ErrorClass, FailResult,
+    Filter, GcReport, GroupClaim, GroupSummary, MAX_ERROR_BYTES, MAX_NAME_BYTES, MAX_RESUME_BYTES,
+    OpenReport, RecordPart, RepairReport, Scan, Stats, Store, StoreBuilder, Unreadable,
 };
 pub use transfer::{
     DEFAULT_SESSION, Durability, FailReason, Header, Kind, LinkMode, Manifest, NewTransfer,

@@ -204,6 +204,23 @@ impl Locked {
         newest: Option<(usize, u64)>,
         state: &State,
     ) -> Result<Vec<u8>> {
+        let enc = self.put_next(fs, newest, state)?;
+        fs.sync_data(&self.file, &self.path)?;
+        if self.created {
+            fs.sync_dir(&self.dir)?;
+        }
+        Ok(enc)
+    }
+
+    /// [`Locked::write_next`] without its syncs, for a group commit (FORMAT.md §3.9): the
+    /// caller keeps the lock until one shared flush has made the slot durable, so no other
+    /// writer reads this unflushed slot as the newest and overwrites the only durable one.
+    pub(crate) fn put_next(
+        &self,
+        fs: &Fs,
+        newest: Option<(usize, u64)>,
+        state: &State,
+    ) -> Result<Vec<u8>> {
         let (slot, seq) = match newest {
             Some((i, seq)) => (
                 1 - i,
@@ -222,10 +239,6 @@ impl Locked {
         };
         let enc = state_fmt::encode_slot(seq, state)?;
         fs.write_at(&self.file, &self.path, (slot * SLOT_CAPACITY) as u64, &enc)?;
-        fs.sync_data(&self.file, &self.path)?;
-        if self.created {
-            fs.sync_dir(&self.dir)?;
-        }
         Ok(enc)
     }
 }

@@ -31,7 +31,23 @@ const COPY_CHUNK: usize = 256 * 1024;
 #[derive(Debug)]
 pub(crate) struct Fs {
     poisoned: Mutex<Option<String>>,
+    /// Set once the volume refused `F_FULLFSYNC` (see [`Fs::sync_group`]).
+    weakened: std::sync::atomic::AtomicBool,
     b: Arc<dyn Backend>,
+}
+
+/// How [`Fs::sync_group`] made a group of written files durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupSync {
+    /// One sync of the whole file system (Linux, Android).
+    FileSystem,
+    /// Each file sent to the drive, then one flush of the drive's cache (Apple platforms).
+    DriveCache,
+    /// The volume refused to flush the drive's cache: each file was sent to the drive, where
+    /// a power loss may still lose it (weaker durability, reported, not poisoned).
+    DriveOnly,
+    /// One data sync per file (elsewhere).
+    EachFile,
 }
 
 /// What a directory listing found, without following links.
@@ -319,6 +335,22 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// entry written so far becomes durable.
     fn sync_fs(&self, dir: &Handle) -> io::Result<()>;
 
+    /// Whether this system's data syncs can stop at the drive, leaving its write cache for one
+    /// [`Backend::full_sync`] to flush for many files at once (Apple platforms: `fsync` sends a
+    /// file's data to the drive, `F_FULLFSYNC` flushes the drive's whole cache).
+    fn has_full_sync(&self) -> bool;
+
+    /// Sends a file's written data to the drive without flushing the drive's cache (Apple:
+    /// `fsync`). Not durable on its own: a [`Backend::full_sync`] after it makes it so. Where
+    /// [`Backend::has_full_sync`] is false, the same as [`Backend::sync_data`].
+    fn sync_to_drive(&self, f: &Handle) -> io::Result<()>;
+
+    /// Flushes the drive's whole cache through `f` (Apple: `fcntl(F_FULLFSYNC)`): `f`'s own
+    /// written data and everything earlier [`Backend::sync_to_drive`] calls sent become
+    /// durable. Fails with `ENOTSUP`, `EINVAL` or `ENOTTY` on a volume that refuses it (some
+    /// network and FUSE mounts), and with `Unsupported` where [`Backend::has_full_sync`] is false.
+    fn full_sync(&self, f: &Handle) -> io::Result<()>;
+
     /// Opens a directory to sync it.
     fn open_dir(&self, dir: &Path) -> io::Result<Handle>;
 
@@ -386,6 +418,24 @@ pub(crate) enum BootMark {
     Since(i64),
 }
 
+/// True for errors that mean "this volume does not flush the drive's cache on request".
+fn full_sync_refused(e: &io::Error) -> bool {
+    if e.kind() == io::ErrorKind::Unsupported {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        // ENOTSUP and EOPNOTSUPP are one number on Linux, two on Apple platforms.
+        e.raw_os_error().is_some_and(|c| {
+            [libc::ENOTSUP, libc::EOPNOTSUPP, libc::EINVAL, libc::ENOTTY].contains(&c)
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
 /// True for errors that mean "this file system will not hard-link these two paths".
 fn link_refused(e: &io::Error) -> bool {
     #[cfg(unix)]
@@ -431,6 +481,7 @@ impl Fs {
     pub(crate) fn new(b: Arc<dyn Backend>) -> Self {
         Fs {
             poisoned: Mutex::new(None),
+            weakened: std::sync::atomic::AtomicBool::new(false),
             b,
         }
     }
@@ -503,6 +554,65 @@ impl Fs {
             self.poison(&err);
             err
         })
+    }
+
+    /// Makes the files of a group commit durable together, every one of them written before
+    /// this call: with `sync_fs` (a directory opened before the writes, and its path) one
+    /// `syncfs`; on Apple platforms each file sent to the drive (`fsync`) and one
+    /// `F_FULLFSYNC`, which flushes the drive's cache for all of them; elsewhere one data sync
+    /// per file. Any failure poisons. A volume that refuses `F_FULLFSYNC` is not a failure:
+    /// the files are sent to the drive, the store reports weaker durability
+    /// ([`Fs::weakened`]) and this returns [`GroupSync::DriveOnly`].
+    pub(crate) fn sync_group(
+        &self,
+        sync_fs: Option<(&Handle, &Path)>,
+        files: &[(&Handle, &Path)],
+    ) -> Result<GroupSync> {
+        if let Some((dir, path)) = sync_fs {
+            self.sync_fs(dir, path)?;
+            return Ok(GroupSync::FileSystem);
+        }
+        let Some(((last, last_path), rest)) = files.split_last() else {
+            return Ok(GroupSync::EachFile);
+        };
+        if !self.b.has_full_sync() {
+            for (f, path) in files {
+                self.sync_data(f, path)?;
+            }
+            return Ok(GroupSync::EachFile);
+        }
+        let fail = |op, path: &Path, e| {
+            let err = Error::io(op, path, e);
+            self.poison(&err);
+            err
+        };
+        for (f, path) in rest {
+            self.b
+                .sync_to_drive(f)
+                .map_err(|e| fail("send to the drive", path, e))?;
+        }
+        match self.b.full_sync(last) {
+            Ok(()) => Ok(GroupSync::DriveCache),
+            Err(e) if full_sync_refused(&e) => {
+                self.b
+                    .sync_to_drive(last)
+                    .map_err(|e| fail("send to the drive", last_path, e))?;
+                if !self
+                    .weakened
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(path = %last_path.display(), error = %e, "the volume refused F_FULLFSYNC: changes reach the drive but may sit in its cache through a power loss");
+                }
+                Ok(GroupSync::DriveOnly)
+            }
+            Err(e) => Err(fail("flush the drive's cache", last_path, e)),
+        }
+    }
+
+    /// Whether the volume refused to flush the drive's cache (`F_FULLFSYNC`) since this store
+    /// was opened: changes since were sent to the drive, which may lose them in a power loss.
+    pub(crate) fn weakened(&self) -> bool {
+        self.weakened.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Opens an existing file for reading, never through a symlink.

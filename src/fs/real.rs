@@ -182,6 +182,35 @@ impl Backend for Real {
         }
     }
 
+    fn has_full_sync(&self) -> bool {
+        cfg!(target_vendor = "apple")
+    }
+
+    fn sync_to_drive(&self, f: &Handle) -> io::Result<()> {
+        #[cfg(target_vendor = "apple")]
+        {
+            rustix::fs::fsync(f.file()?)?;
+            Ok(())
+        }
+        #[cfg(not(target_vendor = "apple"))]
+        {
+            f.file()?.sync_data()
+        }
+    }
+
+    fn full_sync(&self, f: &Handle) -> io::Result<()> {
+        #[cfg(target_vendor = "apple")]
+        {
+            rustix::fs::fcntl_fullfsync(f.file()?)?;
+            Ok(())
+        }
+        #[cfg(not(target_vendor = "apple"))]
+        {
+            let _ = f;
+            Err(io::Error::from(io::ErrorKind::Unsupported))
+        }
+    }
+
     /// Opens a directory to sync it.
     fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
         File::open(dir).map(Handle::of_file)

@@ -75,6 +75,11 @@ impl Held<'_> {
     pub(crate) fn entry(self, id: TransferId, body: &EntryBody) {
         self.journal.entries(&[(id, body)]);
     }
+
+    /// [`Journal::entries`] for the changes of a group commit this hold began with.
+    pub(crate) fn entries(self, items: &[(TransferId, &EntryBody)]) {
+        self.journal.entries(items);
+    }
 }
 
 impl Drop for Held<'_> {
@@ -218,6 +223,19 @@ impl Journal {
         ) {
             Ok(()) => Ok(Some(Held { journal: self })),
             Err(e) => self.lost_intents(root, 1, e).map(|()| None),
+        }
+    }
+
+    /// [`Journal::intents`], keeping this process's shared lock on the journal until the
+    /// returned hold's entries (or its drop): a group commit's intents, in one append.
+    pub(crate) fn intents_held(&self, root: &Path, ids: &[TransferId]) -> Result<Option<Held<'_>>> {
+        let frames: Vec<u8> = ids
+            .iter()
+            .flat_map(|id| fmt::encode_frame(fmt::TAG_INTENT, id.as_bytes(), &[]))
+            .collect();
+        match self.append_keep(&frames, true) {
+            Ok(()) => Ok(Some(Held { journal: self })),
+            Err(e) => self.lost_intents(root, ids.len(), e).map(|()| None),
         }
     }
 

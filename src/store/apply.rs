@@ -1,17 +1,19 @@
 //! Reconciling: [`Store::reconcile`] gathers the records (from the index when this handle holds
 //! it) and hands them to the pure planner in `reconcile`; [`Store::apply`] performs the
-//! store's side of a plan, one compare-and-set per action.
+//! store's side of a plan, its state changes as one group commit.
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use super::Store;
+use super::commit::Change;
+use super::lifecycle::{Adopted, adopt_change, complete_change, expire_change, fail_change};
 use crate::error::{ErrorKind, Result};
 use crate::reconcile::{
     Action, Plan, ReconcileOptions, Record, Sessions, Task, TaskRef, plan, plan_of, plan_reset,
     plan_reset_of,
 };
-use crate::store::ErrorClass;
+use crate::store::{Completion, ErrorClass};
 use crate::transfer::{Outcome, TaskBinding, TransferId};
 
 /// What applying a plan did.
@@ -112,32 +114,78 @@ impl Store {
         Ok((records, corrupt))
     }
 
-    /// Performs the store's side of a plan: bindings and counters (`adopt`), counted failures
+    /// Performs the store's side of a plan: bindings (`adopt`), counted failures
     /// (`recreate`/`resume` with a failure, `give_up`), claims (`deliver` with `claim`),
-    /// expiries, purges and quarantines. Each is one durable compare-and-set step; a crash
-    /// halfway leaves a store from which the remaining steps are planned again. Records another
-    /// process already removed are skipped.
+    /// expiries, purges and quarantines. The state changes are one group commit (FORMAT.md
+    /// §3.9): each transfer is written once and a part of up to the open-file budget's
+    /// transfers shares one flush, so a relaunch of 10,000 transfers costs a few flushes, not
+    /// 10,000. An `adopt` whose binding is unchanged and whose only news is the task's byte
+    /// counters writes nothing: the counters become coalesced progress (written by the next
+    /// update, the background flusher, [`Store::flush`] or drop). Purges and quarantines come
+    /// after, one at a time. Each step is a compare-and-set; a crash halfway leaves a store
+    /// from which the remaining steps are planned again. Records another process already
+    /// removed are skipped.
     ///
     /// # Errors
-    /// The first error other than a vanished record; the steps before it stay applied.
+    /// The first error other than a vanished record, in the plan's order. The state changes
+    /// are all attempted (those that succeeded stay applied); purges and quarantines are not
+    /// attempted after a failed state change.
     pub fn apply(&self, plan: &Plan) -> Result<ApplyReport> {
         let mut report = ApplyReport::default();
         let mut groups: BTreeSet<String> = BTreeSet::new();
-        for a in &plan.actions {
+        let now = self.now();
+        let mut changes = Vec::new();
+        // For each change of the group commit, the action it came from.
+        let mut of_action = Vec::new();
+        for (k, a) in plan.actions.iter().enumerate() {
             if let Some(id) = a.transfer().filter(|_| a.ends_record())
                 && let Ok(t) = self.get(id)
                 && let Some(g) = t.manifest.group
             {
                 groups.insert(g);
             }
-            let r = self.apply_one(a, &mut report);
+            if let Some(c) = change_of(a, now) {
+                changes.push(c);
+                of_action.push(k);
+            }
+        }
+        let mut first: Option<(usize, crate::Error)> = None;
+        let results = self.core.commit(changes, self.core.group_part);
+        for (k, r) in of_action.into_iter().zip(results) {
+            let id = plan.actions.get(k).and_then(Action::transfer);
             match r {
-                Ok(true) => report.applied += 1,
-                Ok(false) => {}
+                Ok(Applied::Counters(id, done, total)) => {
+                    self.coalesce(id, done, total);
+                    report.applied += 1;
+                }
+                Ok(Applied::Done(applied)) => report.applied += usize::from(applied),
+                Ok(Applied::ClaimLost(id)) => {
+                    report.claims_lost.push(id);
+                    report.applied += 1;
+                }
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
-                    if let Some(id) = a.transfer() {
-                        report.gone.push(id);
+                    report.gone.extend(id);
+                }
+                Err(e) => {
+                    if first.is_none() {
+                        first = Some((k, e));
                     }
+                }
+            }
+        }
+        if let Some((_, e)) = first {
+            return Err(e);
+        }
+        for a in &plan.actions {
+            let r = match a {
+                Action::Purge { id, .. } => self.remove(*id),
+                Action::Quarantine { id, .. } => self.quarantine(*id).map(drop),
+                _ => continue,
+            };
+            match r {
+                Ok(()) => report.applied += 1,
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                    report.gone.extend(a.transfer());
                 }
                 Err(e) => return Err(e),
             }
@@ -155,74 +203,103 @@ impl Store {
         }
         Ok(report)
     }
+}
 
-    fn apply_one(&self, a: &Action, report: &mut ApplyReport) -> Result<bool> {
-        match a {
-            Action::Adopt {
-                id,
-                task,
-                tag,
-                bytes_done,
-                bytes_total,
-            } => {
-                let b = TaskBinding {
-                    session: task.session.clone(),
-                    task_id: task.task_id,
-                    tag: tag.clone(),
-                };
-                self.adopt(*id, b, *bytes_done, *bytes_total)?;
-                Ok(true)
-            }
-            Action::Cancel { .. } => Ok(false),
-            Action::Recreate {
-                id,
-                failure,
-                not_before,
-                task,
-                ..
-            }
-            | Action::Resume {
-                id,
-                failure,
-                not_before,
-                task,
-                ..
-            } => match failure {
-                Some(error) => {
-                    let at = not_before.unwrap_or_else(|| self.now());
-                    self.fail_task(*id, binding(task), ErrorClass::RetryAfter(at), error)?;
-                    Ok(true)
-                }
-                None => Ok(false),
-            },
-            Action::Deliver {
-                id, outcome, claim, ..
-            } => {
-                if !claim {
-                    return Ok(false);
-                }
-                let status = match outcome {
-                    Outcome::Succeeded { status } => *status,
-                    _ => None,
-                };
-                if let crate::Completion::Lost(_) = self.complete(*id, status)? {
-                    report.claims_lost.push(*id);
-                }
-                Ok(true)
-            }
-            Action::Purge { id, .. } => {
-                self.remove(*id)?;
-                Ok(true)
-            }
-            Action::Expire { id, .. } => self.expire(*id),
-            Action::Quarantine { id, .. } => {
-                self.quarantine(*id)?;
-                Ok(true)
-            }
-            Action::GiveUp { id, error, task } => {
-                self.fail_task(*id, binding(task), ErrorClass::Permanent, error)?;
-                Ok(true)
-            }
+/// What one state change of an applied plan did.
+enum Applied {
+    /// Whether it counted as a store-side step (an expiry of an ended record does not).
+    Done(bool),
+    /// An adopt whose only news is counters: kept as coalesced progress.
+    Counters(TransferId, u64, Option<u64>),
+    /// A `deliver` claim another process won first.
+    ClaimLost(TransferId),
+}
+
+/// The group-commit change an action makes to its record's state, if any.
+fn change_of(a: &Action, now: SystemTime) -> Option<Change<'static, Applied>> {
+    Some(match a {
+        Action::Adopt {
+            id,
+            task,
+            tag,
+            bytes_done,
+            bytes_total,
+        } => {
+            let (id, done, total) = (*id, *bytes_done, *bytes_total);
+            let b = TaskBinding {
+                session: task.session.clone(),
+                task_id: task.task_id,
+                tag: tag.clone(),
+            };
+            Change::new(id, "adopt", move |m, s| {
+                let (adopted, changed) = adopt_change(id, m, s, b, done, total)?;
+                Ok((
+                    match adopted {
+                        Adopted::Counters(done, total) => Applied::Counters(id, done, total),
+                        Adopted::Bound | Adopted::Same => Applied::Done(true),
+                    },
+                    changed,
+                ))
+            })
         }
-    }
+        Action::Recreate {
+            id,
+            failure: Some(error),
+            not_before,
+            task,
+            ..
+        }
+        | Action::Resume {
+            id,
+            failure: Some(error),
+            not_before,
+            task,
+            ..
+        } => {
+            let class = ErrorClass::RetryAfter(not_before.unwrap_or(now));
+            let (task, error) = (binding(task), error.clone());
+            Change::new(*id, "fail", move |m, s| {
+                Ok((
+                    Applied::Done(true),
+                    fail_change(m, s, task, class, &error, now).1,
+                ))
+            })
+        }
+        Action::Deliver {
+            id,
+            outcome,
+            claim: true,
+            ..
+        } => {
+            let id = *id;
+            let status = match outcome {
+                Outcome::Succeeded { status } => *status,
+                _ => None,
+            };
+            Change::new(id, "complete", move |_, s| {
+                let (c, changed) = complete_change(s, status);
+                Ok((
+                    match c {
+                        Completion::Lost(_) => Applied::ClaimLost(id),
+                        Completion::Won(_) => Applied::Done(true),
+                    },
+                    changed,
+                ))
+            })
+        }
+        Action::Expire { id, .. } => Change::new(*id, "expire", |_, s| {
+            let (expired, changed) = expire_change(s);
+            Ok((Applied::Done(expired), changed))
+        }),
+        Action::GiveUp { id, error, task } => {
+            let (task, error) = (binding(task), error.clone());
+            Change::new(*id, "fail", move |m, s| {
+                Ok((
+                    Applied::Done(true),
+                    fail_change(m, s, task, ErrorClass::Permanent, &error, now).1,
+                ))
+            })
+        }
+        _ => return None,
+    })
 }

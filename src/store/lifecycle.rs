@@ -7,7 +7,9 @@ use super::{Store, check_name, check_request, lock};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::state_file;
-use crate::transfer::{FailReason, Outcome, Phase, Request, State, TaskBinding, TransferId};
+use crate::transfer::{
+    FailReason, Manifest, Outcome, Phase, Request, State, TaskBinding, TransferId,
+};
 
 /// The longest error text kept in the state; longer text is cut at a character boundary.
 pub const MAX_ERROR_BYTES: usize = 1024;
@@ -101,27 +103,7 @@ impl Store {
         if let Some(tag) = &task.tag {
             check_name("the tag", tag)?;
         }
-        self.modify(id, "bind", |m, s, _| {
-            if task.session != m.session {
-                return Err(Error::invalid(format!(
-                    "task session {:?} is not the transfer's session {:?}",
-                    task.session, m.session
-                )));
-            }
-            if s.phase.is_terminal() {
-                return Err(Error::invalid(format!(
-                    "transfer {id} has ended ({}); it cannot be bound",
-                    s.phase
-                )));
-            }
-            if let Some(r) = request {
-                set_request(s, r)?;
-            }
-            s.binding = Some(task.clone());
-            s.phase = Phase::Running;
-            s.next_attempt = None;
-            Ok(((), true))
-        })?;
+        self.modify(id, "bind", |m, s, _| bind_change(id, m, s, &task, request))?;
         let mut idx = lock(&self.tasks);
         idx.by_task.insert((task.session, task.task_id), id);
         if let Some(tag) = task.tag {
@@ -147,19 +129,7 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
     pub fn complete(&self, id: TransferId, status: Option<u16>) -> Result<Completion> {
-        self.modify(id, "complete", |_, s, _| {
-            if s.phase.is_terminal() {
-                return Ok((
-                    Completion::Lost(s.outcome.clone().unwrap_or(Outcome::Cancelled)),
-                    false,
-                ));
-            }
-            let o = Outcome::Succeeded { status };
-            s.phase = Phase::Completed;
-            s.outcome = Some(o.clone());
-            s.next_attempt = None;
-            Ok((Completion::Won(o), true))
-        })
+        self.modify(id, "complete", |_, s, _| Ok(complete_change(s, status)))
     }
 
     /// Records a failed attempt. A permanent error gives up at once; otherwise one failure is
@@ -183,44 +153,7 @@ impl Store {
     ) -> Result<FailResult> {
         let now = self.now();
         self.modify(id, "fail", |m, s, _| {
-            if s.phase.is_terminal() {
-                let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
-                return Ok((FailResult::AlreadyEnded(o), false));
-            }
-            if let Some(task) = task {
-                s.binding = Some(task);
-            }
-            let error = truncate_text(error);
-            s.last_error = Some(error.clone());
-            // The binding is kept: it names the task whose failure was just counted (the phase
-            // says it no longer runs), so a reconcile that meets that finished task again does
-            // not count it twice. Binding a new task replaces it.
-            let give_up = |s: &mut State, reason| {
-                s.phase = Phase::Failed;
-                s.next_attempt = None;
-                s.outcome = Some(Outcome::Failed {
-                    reason,
-                    error: error.clone(),
-                });
-                Ok((FailResult::GaveUp, true))
-            };
-            if class == ErrorClass::Permanent {
-                return give_up(s, FailReason::Permanent);
-            }
-            s.failures = s.failures.saturating_add(1);
-            if s.failures >= m.retry.max_attempts {
-                return give_up(s, FailReason::GaveUp);
-            }
-            let at = match class {
-                ErrorClass::RetryAfter(t) => t,
-                _ => now
-                    .checked_add(m.retry.backoff(s.failures))
-                    .unwrap_or_else(|| format::from_ms(u64::MAX)),
-            };
-            let at = format::from_ms(format::to_ms(at));
-            s.phase = Phase::WaitingToRetry;
-            s.next_attempt = Some(at);
-            Ok((FailResult::RetryAt(at), true))
+            Ok(fail_change(m, s, task, class, error, now))
         })
     }
 
@@ -230,16 +163,7 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
     pub fn task_lost(&self, id: TransferId) -> Result<()> {
-        self.modify(id, "task lost", |_, s, _| {
-            if s.phase.is_terminal() || s.binding.is_none() && s.phase != Phase::Running {
-                return Ok(((), false));
-            }
-            s.binding = None;
-            if s.phase == Phase::Running {
-                s.phase = Phase::Pending;
-            }
-            Ok(((), true))
-        })
+        self.modify(id, "task lost", |_, s, _| Ok(task_lost_change(s)))
     }
 
     /// Replaces the request to run from now on (a fresh pre-signed URL, new headers). Secret
@@ -281,52 +205,7 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
     pub fn expire(&self, id: TransferId) -> Result<bool> {
-        self.modify(id, "expire", |_, s, _| {
-            if s.phase.is_terminal() {
-                return Ok((false, false));
-            }
-            s.phase = Phase::Failed;
-            s.next_attempt = None;
-            s.outcome = Some(Outcome::Failed {
-                reason: FailReason::Expired,
-                error: "the deadline passed".to_owned(),
-            });
-            Ok((true, true))
-        })
-    }
-
-    /// Binds `task` and refreshes the counters in one durable write (a reconcile's `adopt`).
-    /// Writes nothing when the binding and counters are already those.
-    pub(crate) fn adopt(
-        &self,
-        id: TransferId,
-        task: TaskBinding,
-        done: u64,
-        total: Option<u64>,
-    ) -> Result<()> {
-        self.modify(id, "adopt", |m, s, _| {
-            if task.session != m.session || s.phase.is_terminal() {
-                return Err(Error::invalid(format!(
-                    "transfer {id} cannot adopt task {} of session {:?}",
-                    task.task_id, task.session
-                )));
-            }
-            let tag = task
-                .tag
-                .clone()
-                .or_else(|| s.binding.as_ref().and_then(|b| b.tag.clone()));
-            let binding = TaskBinding { tag, ..task };
-            let before = (s.binding.clone(), s.phase, s.bytes_done, s.bytes_total);
-            s.binding = Some(binding);
-            s.phase = Phase::Running;
-            s.next_attempt = None;
-            s.bytes_done = done;
-            s.bytes_total = total.or(s.bytes_total);
-            Ok((
-                (),
-                before != (s.binding.clone(), s.phase, s.bytes_done, s.bytes_total),
-            ))
-        })
+        self.modify(id, "expire", |_, s, _| Ok(expire_change(s)))
     }
 
     /// Cancels a transfer. The answer carries the bound task, which the caller cancels on the
@@ -336,20 +215,203 @@ impl Store {
     /// # Errors
     /// [`ErrorKind::NotFound`]; [`ErrorKind::Busy`]; I/O errors.
     pub fn cancel(&self, id: TransferId) -> Result<CancelResult> {
-        self.modify(id, "cancel", |_, s, _| {
-            if s.phase.is_terminal() {
-                let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
-                return Ok((CancelResult::AlreadyEnded(o), false));
-            }
-            s.phase = Phase::Cancelled;
-            s.outcome = Some(Outcome::Cancelled);
-            s.next_attempt = None;
-            Ok((
-                CancelResult::Cancelled {
-                    task: s.binding.clone(),
-                },
-                true,
-            ))
-        })
+        self.modify(id, "cancel", |_, s, _| Ok(cancel_change(s)))
     }
+}
+
+/// Binds `task` to the transfer (and records a replacement request): what [`Store::bind`]
+/// and a batch's bind do to the state.
+pub(super) fn bind_change(
+    id: TransferId,
+    m: &Manifest,
+    s: &mut State,
+    task: &TaskBinding,
+    request: Option<Request>,
+) -> Result<((), bool)> {
+    if task.session != m.session {
+        return Err(Error::invalid(format!(
+            "task session {:?} is not the transfer's session {:?}",
+            task.session, m.session
+        )));
+    }
+    if s.phase.is_terminal() {
+        return Err(Error::invalid(format!(
+            "transfer {id} has ended ({}); it cannot be bound",
+            s.phase
+        )));
+    }
+    if let Some(r) = request {
+        set_request(s, r)?;
+    }
+    s.binding = Some(task.clone());
+    s.phase = Phase::Running;
+    s.next_attempt = None;
+    Ok(((), true))
+}
+
+/// Records success unless the transfer has ended: what [`Store::complete`] does.
+pub(super) fn complete_change(s: &mut State, status: Option<u16>) -> (Completion, bool) {
+    if s.phase.is_terminal() {
+        return (
+            Completion::Lost(s.outcome.clone().unwrap_or(Outcome::Cancelled)),
+            false,
+        );
+    }
+    let o = Outcome::Succeeded { status };
+    s.phase = Phase::Completed;
+    s.outcome = Some(o.clone());
+    s.next_attempt = None;
+    (Completion::Won(o), true)
+}
+
+/// Counts a failed attempt (or gives up): what [`Store::fail`] does. `task`, when given, is
+/// recorded as the binding whose failure was counted.
+pub(super) fn fail_change(
+    m: &Manifest,
+    s: &mut State,
+    task: Option<TaskBinding>,
+    class: ErrorClass,
+    error: &str,
+    now: SystemTime,
+) -> (FailResult, bool) {
+    if s.phase.is_terminal() {
+        let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
+        return (FailResult::AlreadyEnded(o), false);
+    }
+    if let Some(task) = task {
+        s.binding = Some(task);
+    }
+    let error = truncate_text(error);
+    s.last_error = Some(error.clone());
+    // The binding is kept: it names the task whose failure was just counted (the phase
+    // says it no longer runs), so a reconcile that meets that finished task again does
+    // not count it twice. Binding a new task replaces it.
+    let give_up = |s: &mut State, reason| {
+        s.phase = Phase::Failed;
+        s.next_attempt = None;
+        s.outcome = Some(Outcome::Failed {
+            reason,
+            error: error.clone(),
+        });
+        (FailResult::GaveUp, true)
+    };
+    if class == ErrorClass::Permanent {
+        return give_up(s, FailReason::Permanent);
+    }
+    s.failures = s.failures.saturating_add(1);
+    if s.failures >= m.retry.max_attempts {
+        return give_up(s, FailReason::GaveUp);
+    }
+    let at = match class {
+        ErrorClass::RetryAfter(t) => t,
+        _ => now
+            .checked_add(m.retry.backoff(s.failures))
+            .unwrap_or_else(|| format::from_ms(u64::MAX)),
+    };
+    let at = format::from_ms(format::to_ms(at));
+    s.phase = Phase::WaitingToRetry;
+    s.next_attempt = Some(at);
+    (FailResult::RetryAt(at), true)
+}
+
+/// Clears the binding of a task the platform lost: what [`Store::task_lost`] does.
+pub(super) fn task_lost_change(s: &mut State) -> ((), bool) {
+    if s.phase.is_terminal() || s.binding.is_none() && s.phase != Phase::Running {
+        return ((), false);
+    }
+    s.binding = None;
+    if s.phase == Phase::Running {
+        s.phase = Phase::Pending;
+    }
+    ((), true)
+}
+
+/// Fails the transfer as expired unless it has ended: what [`Store::expire`] does.
+pub(super) fn expire_change(s: &mut State) -> (bool, bool) {
+    if s.phase.is_terminal() {
+        return (false, false);
+    }
+    s.phase = Phase::Failed;
+    s.next_attempt = None;
+    s.outcome = Some(Outcome::Failed {
+        reason: FailReason::Expired,
+        error: "the deadline passed".to_owned(),
+    });
+    (true, true)
+}
+
+/// What adopting a running task did to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Adopted {
+    /// The binding changed: written durably with the counters.
+    Bound,
+    /// Only the counters are news: kept as coalesced progress, never flushed on their own.
+    Counters(u64, Option<u64>),
+    /// Nothing changed.
+    Same,
+}
+
+/// Binds `task` to the record of a reconcile's `adopt`. A binding (or phase) that changes is
+/// written with the counters; counters alone are left to coalesced progress.
+pub(super) fn adopt_change(
+    id: TransferId,
+    m: &Manifest,
+    s: &mut State,
+    task: TaskBinding,
+    done: u64,
+    total: Option<u64>,
+) -> Result<(Adopted, bool)> {
+    if task.session != m.session || s.phase.is_terminal() {
+        return Err(Error::invalid(format!(
+            "transfer {id} cannot adopt task {} of session {:?}",
+            task.task_id, task.session
+        )));
+    }
+    let tag = task
+        .tag
+        .clone()
+        .or_else(|| s.binding.as_ref().and_then(|b| b.tag.clone()));
+    let binding = TaskBinding { tag, ..task };
+    let total = total.or(s.bytes_total);
+    if s.binding.as_ref() == Some(&binding) && s.phase == Phase::Running && s.next_attempt.is_none()
+    {
+        if (s.bytes_done, s.bytes_total) == (done, total) {
+            return Ok((Adopted::Same, false));
+        }
+        return Ok((Adopted::Counters(done, total), false));
+    }
+    s.binding = Some(binding);
+    s.phase = Phase::Running;
+    s.next_attempt = None;
+    s.bytes_done = done;
+    s.bytes_total = total;
+    Ok((Adopted::Bound, true))
+}
+
+/// Cancels the transfer unless it has ended: what [`Store::cancel`] does.
+pub(super) fn cancel_change(s: &mut State) -> (CancelResult, bool) {
+    if s.phase.is_terminal() {
+        let o = s.outcome.clone().unwrap_or(Outcome::Cancelled);
+        return (CancelResult::AlreadyEnded(o), false);
+    }
+    s.phase = Phase::Cancelled;
+    s.outcome = Some(Outcome::Cancelled);
+    s.next_attempt = None;
+    (
+        CancelResult::Cancelled {
+            task: s.binding.clone(),
+        },
+        true,
+    )
+}
+
+/// Records durable progress unless the transfer has ended: what [`Store::progress`] with
+/// [`Durability::Immediate`](crate::Durability::Immediate) does.
+pub(super) fn progress_change(s: &mut State, done: u64, total: Option<u64>) -> ((), bool) {
+    if s.phase.is_terminal() || (s.bytes_done, s.bytes_total) == (done, total) {
+        return ((), false);
+    }
+    s.bytes_done = done;
+    s.bytes_total = total.or(s.bytes_total);
+    ((), true)
 }

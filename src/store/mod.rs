@@ -4,10 +4,14 @@
 //! and the checks of names and requests every entry point runs.
 
 mod apply;
+mod batch;
 mod check;
+mod commit;
 mod create;
 mod downloads;
 mod group;
+#[cfg(test)]
+mod group_tests;
 mod indexed;
 mod lifecycle;
 mod open;
@@ -19,6 +23,7 @@ mod tests;
 mod update;
 
 pub use apply::ApplyReport;
+pub use batch::{Batch, Changed};
 pub use check::{CheckReport, GcReport, RecordPart, RepairReport, Stats, Unreadable};
 pub use downloads::MAX_RESUME_BYTES;
 pub use group::{GroupClaim, GroupSummary};
@@ -88,6 +93,9 @@ pub(crate) struct Core {
     /// The change journal (real file system only; `None` where this system cannot tell its
     /// boots apart, or on a store opened read-only without one).
     pub(crate) journal: Option<crate::index::Journal>,
+    /// How many transfers one shared flush of a group commit covers at most (each keeps its
+    /// state file open and locked until the flush): the open-file budget a batch create uses.
+    pub(crate) group_part: usize,
 }
 
 impl fmt::Debug for Store {

@@ -188,8 +188,8 @@ impl StoreBuilder {
         self
     }
 
-    /// The files a batch create may keep open, instead of [`wfs::open_file_budget`] (tests:
-    /// batches of many parts without thousands of members).
+    /// The files a batch create or a group commit may keep open, instead of
+    /// [`wfs::open_file_budget`] (tests: batches of many parts without thousands of members).
     #[cfg(test)]
     pub(crate) fn open_budget(mut self, n: usize) -> Self {
         self.open_budget = Some(n);
@@ -382,6 +382,7 @@ impl Store {
             pending: Mutex::new(HashMap::new()),
             states: StateFiles::new(cfg.lock_timeout),
             journal,
+            group_part: cfg.open_budget.unwrap_or_else(crate::fs::open_file_budget),
         });
         let mut store = Store {
             core,

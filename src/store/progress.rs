@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::commit::Change;
 use super::{Core, Store, lock};
 use crate::error::{ErrorKind, Result};
 use crate::transfer::TransferId;
@@ -90,6 +91,29 @@ impl Core {
         }
     }
 
+    /// Writes the pending progress of `ids` with one group commit (one shared flush per part);
+    /// transfers that are gone are forgotten. Returns the first error, in id order.
+    fn flush_many(&self, ids: Vec<TransferId>) -> Result<()> {
+        let changes = ids
+            .iter()
+            .map(|&id| Change::new(id, "flush progress", |_, _| Ok(((), false))))
+            .collect();
+        let mut first = None;
+        for (id, r) in ids.iter().zip(self.commit(changes, self.group_part)) {
+            match r {
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {
+                    lock(&self.pending).remove(id);
+                }
+                Err(e) => {
+                    tracing::warn!(transfer = %id, error = %e, "coalesced progress not written");
+                    first.get_or_insert(e);
+                }
+                Ok(()) => {}
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// The background flusher's step: writes every report that is due, then says how long
     /// until the next one is (`None` when nothing is pending). Errors are logged; a failed
     /// sync poisons the store, so the caller's next call reports it.
@@ -101,10 +125,8 @@ impl Core {
                 .collect()
         };
         due.sort_unstable();
-        for id in due {
-            if let Err(e) = self.flush_one(id) {
-                tracing::warn!(transfer = %id, error = %e, "background flush of coalesced progress failed");
-            }
+        if let Err(e) = self.flush_many(due) {
+            tracing::warn!(error = %e, "background flush of coalesced progress failed");
         }
         lock(&self.pending)
             .values()
@@ -130,12 +152,7 @@ impl Store {
     ) -> Result<()> {
         match durability {
             crate::Durability::Immediate => self.modify(id, "progress", |_, s, _| {
-                if s.phase.is_terminal() || (s.bytes_done, s.bytes_total) == (done, total) {
-                    return Ok(((), false));
-                }
-                s.bytes_done = done;
-                s.bytes_total = total.or(s.bytes_total);
-                Ok(((), true))
+                Ok(super::lifecycle::progress_change(s, done, total))
             }),
             crate::Durability::Coalesced => {
                 self.core.fs.check()?;
@@ -168,7 +185,9 @@ impl Store {
         }
     }
 
-    /// Writes every coalesced progress report not yet written, now.
+    /// Writes every coalesced progress report not yet written, now, with one group commit:
+    /// one shared flush per part of up to [`StoreBuilder`](crate::StoreBuilder)'s open-file
+    /// budget transfers, not one sync per transfer.
     ///
     /// # Errors
     /// The first I/O error met; the other transfers are still flushed.
@@ -180,12 +199,27 @@ impl Store {
             .collect();
         // In id order, so the writes a flush makes come in the same order every time.
         dirty.sort_unstable();
-        let mut first = None;
-        for id in dirty {
-            if let Err(e) = self.core.flush_one(id) {
-                first.get_or_insert(e);
-            }
+        self.core.flush_many(dirty)
+    }
+
+    /// Keeps `done`/`total` as coalesced progress of `id` (no write now): written by the next
+    /// update of `id`, the background flusher, [`Store::flush`] or drop.
+    pub(super) fn coalesce(&self, id: TransferId, done: u64, total: Option<u64>) {
+        {
+            let mut g = lock(&self.core.pending);
+            let p = g.entry(id).or_insert(PendingProgress {
+                done,
+                total,
+                dirty: true,
+                last_flush: Instant::now(),
+            });
+            p.done = done;
+            p.total = total;
+            p.dirty = true;
         }
-        first.map_or(Ok(()), Err)
+        if self.cfg.background_flush {
+            self.flusher
+                .get_or_init(|| Flusher::start(Arc::clone(&self.core)));
+        }
     }
 }

@@ -11,6 +11,23 @@ use crate::layout::RESUME;
 use crate::transfer::{Kind, Manifest, State, TransferId};
 
 impl Core {
+    /// What the journal records of `id` after a change: its newest state slot `state`, and
+    /// whether a download has resume data.
+    pub(super) fn entry_body(
+        &self,
+        manifest: &Manifest,
+        dir: &Path,
+        state: Vec<u8>,
+    ) -> crate::format::index::EntryBody {
+        let resume = manifest.kind == Kind::Download
+            && self.fs.lstat(&dir.join(RESUME)).is_ok_and(|m| m.is_file());
+        crate::format::index::EntryBody {
+            state,
+            resume,
+            manifest: None,
+        }
+    }
+
     /// Journals what `id` is now (its newest state slot `state`), under its lock, with the
     /// hold its intent began.
     fn journal_entry(
@@ -22,16 +39,7 @@ impl Core {
         state: Vec<u8>,
     ) {
         if let Some(h) = held {
-            let resume = manifest.kind == Kind::Download
-                && self.fs.lstat(&dir.join(RESUME)).is_ok_and(|m| m.is_file());
-            h.entry(
-                id,
-                &crate::format::index::EntryBody {
-                    state,
-                    resume,
-                    manifest: None,
-                },
-            );
+            h.entry(id, &self.entry_body(manifest, dir, state));
         }
     }
 

@@ -53,6 +53,9 @@ struct Faulty {
     fail_at: u64,
     fault: Fault,
     hit: Mutex<Option<&'static str>>,
+    /// Flushes a group as Apple platforms do (each file sent to the drive, one cache flush;
+    /// both are data syncs here) instead of with `syncfs`.
+    apple: bool,
 }
 
 impl Faulty {
@@ -63,6 +66,19 @@ impl Faulty {
             fail_at,
             fault,
             hit: Mutex::new(None),
+            apple: false,
+        })
+    }
+
+    /// [`Faulty::new`], flushing groups as Apple platforms do.
+    fn apple(fail_at: u64, fault: Fault) -> Arc<Self> {
+        Arc::new(Faulty {
+            armed: AtomicBool::new(false),
+            calls: AtomicU64::new(0),
+            fail_at,
+            fault,
+            hit: Mutex::new(None),
+            apple: true,
         })
     }
 
@@ -164,7 +180,19 @@ impl Backend for Faulty {
         faulty!(self, "sync_dir", Call::Sync, Real.sync_dir(dir))
     }
     fn can_sync_fs(&self, dir: &Handle) -> bool {
-        Real.can_sync_fs(dir)
+        !self.apple && Real.can_sync_fs(dir)
+    }
+    fn has_full_sync(&self) -> bool {
+        self.apple
+    }
+    fn sync_to_drive(&self, f: &Handle) -> io::Result<()> {
+        faulty!(self, "sync_to_drive", Call::Sync, Real.sync_data(f))
+    }
+    fn full_sync(&self, f: &Handle) -> io::Result<()> {
+        if !self.apple {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        faulty!(self, "full_sync", Call::Sync, Real.sync_data(f))
     }
     fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
         faulty!(self, "sync_fs", Call::Sync, Real.sync_fs(dir))

@@ -641,6 +641,13 @@ struct State {
     calls: u64,
     fail_at: Option<u64>,
     failed: Option<&'static str>,
+    /// Flushes as Apple platforms do: no `syncfs`; `fsync` sends a file's data to the drive
+    /// (still lost in a power loss), `F_FULLFSYNC` flushes the drive's cache.
+    apple: bool,
+    /// The volume refuses `F_FULLFSYNC` (Apple mode).
+    refuse_full_sync: bool,
+    /// Pending operations sent to the drive's cache (by their `Arc`'s address).
+    sent: std::collections::HashSet<usize>,
 }
 
 /// The simulated file system, shared by the store handles opened on it.
@@ -733,6 +740,9 @@ impl Sim {
                 calls: 0,
                 fail_at: None,
                 failed: None,
+                apple: false,
+                refuse_full_sync: false,
+                sent: std::collections::HashSet::new(),
             }),
             locks: Arc::default(),
             next_desc: AtomicU64::new(1),
@@ -771,6 +781,14 @@ impl Sim {
 
     fn st(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Flushes as Apple platforms do from now on (see `State::apple`); with `refuse`, the
+    /// volume refuses `F_FULLFSYNC`.
+    pub(crate) fn apple(&self, refuse: bool) {
+        let mut st = self.st();
+        st.apple = true;
+        st.refuse_full_sync = refuse;
     }
 
     /// Starts taking a snapshot before every changing call.
@@ -913,6 +931,7 @@ impl State {
         let mut rest = Vec::with_capacity(self.pending.len());
         for (op, m) in self.pending.drain(..).zip(marked) {
             if m {
+                self.sent.remove(&(Arc::as_ptr(&op) as usize));
                 durable.apply(&op);
             } else {
                 rest.push(op);
@@ -1039,7 +1058,49 @@ impl Backend for Sim {
     }
 
     fn can_sync_fs(&self, _dir: &Handle) -> bool {
-        true
+        !self.st().apple
+    }
+
+    fn has_full_sync(&self) -> bool {
+        self.st().apple
+    }
+
+    fn sync_to_drive(&self, f: &Handle) -> io::Result<()> {
+        if !self.st().apple {
+            return self.sync_data(f);
+        }
+        self.st().fault("sync_to_drive")?;
+        let ino = sim(f)?.0.ino;
+        let mut st = self.st();
+        st.boundary("sync_to_drive");
+        let sent: Vec<usize> = st
+            .pending
+            .iter()
+            .filter(|o| o.data_of() == Some(ino))
+            .map(|o| Arc::as_ptr(o) as usize)
+            .collect();
+        st.sent.extend(sent);
+        Ok(())
+    }
+
+    fn full_sync(&self, f: &Handle) -> io::Result<()> {
+        if !self.st().apple {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        self.st().fault("full_sync")?;
+        let ino = sim(f)?.0.ino;
+        let mut st = self.st();
+        if st.refuse_full_sync {
+            return Err(errno(libc::ENOTSUP));
+        }
+        st.boundary("full_sync");
+        let marked = st
+            .pending
+            .iter()
+            .map(|o| o.data_of() == Some(ino) || st.sent.contains(&(Arc::as_ptr(o) as usize)))
+            .collect();
+        st.flush(marked);
+        Ok(())
     }
 
     fn sync_fs(&self, dir: &Handle) -> io::Result<()> {

@@ -19,6 +19,7 @@ pub(crate) struct Call<'a> {
 /// call's result.
 pub(crate) struct Spy<F> {
     hook: F,
+    inner: std::sync::Arc<dyn Backend>,
 }
 
 impl<F> std::fmt::Debug for Spy<F> {
@@ -29,7 +30,12 @@ impl<F> std::fmt::Debug for Spy<F> {
 
 impl<F: Fn(&Call<'_>) -> io::Result<()> + Send + Sync> Spy<F> {
     pub(crate) fn new(hook: F) -> Self {
-        Spy { hook }
+        Spy::over(std::sync::Arc::new(Real), hook)
+    }
+
+    /// A spy over another backend (the simulated file system).
+    pub(crate) fn over(inner: std::sync::Arc<dyn Backend>, hook: F) -> Self {
+        Spy { hook, inner }
     }
 
     fn see(&self, name: &'static str, handle: Option<&Handle>) -> io::Result<()> {
@@ -40,15 +46,15 @@ impl<F: Fn(&Call<'_>) -> io::Result<()> + Send + Sync> Spy<F> {
 impl<F: Fn(&Call<'_>) -> io::Result<()> + Send + Sync> Backend for Spy<F> {
     fn open(&self, path: &Path, o: OpenMode) -> io::Result<Handle> {
         self.see("open", None)?;
-        Real.open(path, o)
+        self.inner.open(path, o)
     }
     fn read(&self, f: &Handle, max: u64, buf: &mut Vec<u8>) -> io::Result<usize> {
         self.see("read", Some(f))?;
-        Real.read(f, max, buf)
+        self.inner.read(f, max, buf)
     }
     fn read_at(&self, f: &Handle, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
         self.see("read_at", Some(f))?;
-        Real.read_at(f, offset, len, buf)
+        self.inner.read_at(f, offset, len, buf)
     }
     fn read_at_once(
         &self,
@@ -58,101 +64,112 @@ impl<F: Fn(&Call<'_>) -> io::Result<()> + Send + Sync> Backend for Spy<F> {
         buf: &mut Vec<u8>,
     ) -> io::Result<usize> {
         self.see("read_at_once", Some(f))?;
-        Real.read_at_once(f, offset, len, buf)
+        self.inner.read_at_once(f, offset, len, buf)
     }
     fn read_exact_at(&self, f: &Handle, offset: u64, out: &mut [u8]) -> io::Result<()> {
         self.see("read_exact_at", Some(f))?;
-        Real.read_exact_at(f, offset, out)
+        self.inner.read_exact_at(f, offset, out)
     }
     fn write_at(&self, f: &Handle, offset: u64, bytes: &[u8]) -> io::Result<()> {
         self.see("write_at", Some(f))?;
-        Real.write_at(f, offset, bytes)
+        self.inner.write_at(f, offset, bytes)
     }
     fn write(&self, f: &Handle, bytes: &[u8]) -> io::Result<()> {
         self.see("write", Some(f))?;
-        Real.write(f, bytes)
+        self.inner.write(f, bytes)
     }
     fn set_len(&self, f: &Handle, len: u64) -> io::Result<()> {
         self.see("set_len", Some(f))?;
-        Real.set_len(f, len)
+        self.inner.set_len(f, len)
+    }
+    fn has_full_sync(&self) -> bool {
+        self.inner.has_full_sync()
+    }
+    fn sync_to_drive(&self, f: &Handle) -> io::Result<()> {
+        self.see("sync_to_drive", Some(f))?;
+        self.inner.sync_to_drive(f)
+    }
+    fn full_sync(&self, f: &Handle) -> io::Result<()> {
+        self.see("full_sync", Some(f))?;
+        self.inner.full_sync(f)
     }
     fn sync_data(&self, f: &Handle) -> io::Result<()> {
         self.see("sync_data", Some(f))?;
-        Real.sync_data(f)
+        self.inner.sync_data(f)
     }
     fn start_write_back(&self, f: &Handle) {
         if self.see("start_write_back", Some(f)).is_ok() {
-            Real.start_write_back(f);
+            self.inner.start_write_back(f);
         }
     }
     fn can_sync_fs(&self, dir: &Handle) -> bool {
-        Real.can_sync_fs(dir)
+        self.inner.can_sync_fs(dir)
     }
     fn sync_fs(&self, dir: &Handle) -> io::Result<()> {
         self.see("sync_fs", Some(dir))?;
-        Real.sync_fs(dir)
+        self.inner.sync_fs(dir)
     }
     fn open_dir(&self, dir: &Path) -> io::Result<Handle> {
         self.see("open_dir", None)?;
-        Real.open_dir(dir)
+        self.inner.open_dir(dir)
     }
     fn sync_dir(&self, dir: &Handle) -> io::Result<()> {
         self.see("sync_dir", Some(dir))?;
-        Real.sync_dir(dir)
+        self.inner.sync_dir(dir)
     }
     fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {
         self.see("create_dir", None)?;
-        Real.create_dir(path, mode)
+        self.inner.create_dir(path, mode)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         self.see("rename", None)?;
-        Real.rename(from, to)
+        self.inner.rename(from, to)
     }
     fn hard_link(&self, src: &Path, dst: &Path) -> io::Result<()> {
         self.see("hard_link", None)?;
-        Real.hard_link(src, dst)
+        self.inner.hard_link(src, dst)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         self.see("remove_file", None)?;
-        Real.remove_file(path)
+        self.inner.remove_file(path)
     }
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
         self.see("remove_dir_all", None)?;
-        Real.remove_dir_all(path)
+        self.inner.remove_dir_all(path)
     }
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<Entry>> {
         self.see("list_dir", None)?;
-        Real.list_dir(dir)
+        self.inner.list_dir(dir)
     }
     fn lstat(&self, path: &Path) -> io::Result<Meta> {
         self.see("lstat", None)?;
-        Real.lstat(path)
+        self.inner.lstat(path)
     }
     fn fstat(&self, f: &Handle) -> io::Result<Meta> {
         self.see("fstat", Some(f))?;
-        Real.fstat(f)
+        self.inner.fstat(f)
     }
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         self.see("canonicalize", None)?;
-        Real.canonicalize(path)
+        self.inner.canonicalize(path)
     }
     fn try_lock(&self, f: &Handle) -> io::Result<bool> {
         self.see("try_lock", Some(f))?;
-        Real.try_lock(f)
+        self.inner.try_lock(f)
     }
     fn try_lock_shared(&self, f: &Handle) -> io::Result<bool> {
         self.see("try_lock_shared", Some(f))?;
-        Real.try_lock_shared(f)
+        self.inner.try_lock_shared(f)
     }
     fn unlock(&self, f: &Handle) -> io::Result<()> {
         self.see("unlock", Some(f))?;
-        Real.unlock(f)
+        self.inner.unlock(f)
     }
     fn dup(&self, f: &Handle) -> io::Result<Handle> {
         self.see("dup", Some(f))?;
-        Real.dup(f)
+        self.inner.dup(f)
     }
     fn boot(&self) -> Option<BootMark> {
-        Real.boot()
+        self.inner.boot()
     }
 }
