@@ -99,6 +99,17 @@ impl StateFiles {
         dir: &Path,
         checked: impl Fn() -> Result<(PathBuf, Meta)>,
     ) -> Result<Locked> {
+        self.lock_waiting(fs, dir, checked, self.lock_timeout)
+    }
+
+    /// [`StateFiles::lock`], waiting at most `wait` for the lock.
+    fn lock_waiting(
+        &self,
+        fs: &Fs,
+        dir: &Path,
+        checked: impl Fn() -> Result<(PathBuf, Meta)>,
+        wait: Duration,
+    ) -> Result<Locked> {
         for _ in 0..3 {
             let (dir, before) = checked()?;
             let path = dir.join(STATE);
@@ -107,7 +118,7 @@ impl StateFiles {
                 Err(e) if e.is_not_found_io() => fs.open_or_create(&path)?,
                 Err(e) => return Err(e),
             };
-            fs.lock(&file, &path, self.lock_timeout)?;
+            fs.lock(&file, &path, wait)?;
             match fs.lstat(&dir) {
                 Ok(m) if m.same_entry(&before) => {
                     return Ok(Locked {
@@ -138,13 +149,40 @@ impl StateFiles {
         dir: &Path,
         checked: impl Fn() -> Result<(PathBuf, Meta)>,
     ) -> Result<Locked> {
+        self.lock_for_update_waiting(fs, id, dir, checked, self.lock_timeout)
+    }
+
+    /// [`StateFiles::lock_for_update`] without waiting: `Busy` at once when another handle
+    /// holds the lock (a group commit's parallel locking, which must never wait out of order).
+    pub(crate) fn try_lock_for_update(
+        &self,
+        fs: &Fs,
+        id: TransferId,
+        dir: &Path,
+        checked: impl Fn() -> Result<(PathBuf, Meta)>,
+    ) -> Result<Locked> {
+        self.lock_for_update_waiting(fs, id, dir, checked, Duration::ZERO)
+    }
+
+    fn lock_for_update_waiting(
+        &self,
+        fs: &Fs,
+        id: TransferId,
+        dir: &Path,
+        checked: impl Fn() -> Result<(PathBuf, Meta)>,
+        wait: Duration,
+    ) -> Result<Locked> {
         let kept = {
             let mut g = guard(&self.kept);
             g.iter().position(|o| o.id == id).and_then(|i| g.remove(i))
         };
         if let Some(o) = kept {
             let path = dir.join(STATE);
-            fs.lock(&o.file, &path, self.lock_timeout)?;
+            if let Err(e) = fs.lock(&o.file, &path, wait) {
+                // Not taken: kept open for the next try (it holds no lock).
+                guard(&self.kept).push_back(o);
+                return Err(e);
+            }
             if let Ok(m) = fs.lstat(dir)
                 && same_dir(&m, &o.dir)
             {
@@ -158,7 +196,7 @@ impl StateFiles {
             }
             // Moved, replaced or changed since: open it afresh (dropping `o` unlocks it).
         }
-        self.lock(fs, dir, checked)
+        self.lock_waiting(fs, dir, checked, wait)
     }
 
     /// Unlocks a state file after an update and keeps it open for the next one.

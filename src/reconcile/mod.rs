@@ -317,6 +317,11 @@ pub enum Action {
         bytes_done: u64,
         /// Bytes expected, from the task.
         bytes_total: Option<u64>,
+        /// Whether the binding changes (another task, tag or phase than the record has):
+        /// [`Store::apply`](crate::Store::apply) writes it durably. When false the record is
+        /// already bound to this task and only the counters are news: `apply` keeps them as
+        /// coalesced progress and flushes nothing.
+        rebind: bool,
     },
     /// Cancel a task that no record keeps.
     Cancel {
@@ -1298,13 +1303,20 @@ fn decide(
         return Action::Expire { id, task: tref };
     }
     match (matched, tref) {
-        (Some(m), Some(key)) if m.nums.state != TaskState::Cancelling => Action::Adopt {
-            id,
-            task: key,
-            tag: identifying_tag(t, m),
-            bytes_done: m.nums.bytes_done,
-            bytes_total: m.nums.bytes_total,
-        },
+        (Some(m), Some(key)) if m.nums.state != TaskState::Cancelling => {
+            let tag = identifying_tag(t, m);
+            let rebind = t.phase() != Phase::Running
+                || t.next_attempt().is_some()
+                || t.binding() != Some((key.session.as_str(), key.task_id, tag.as_deref()));
+            Action::Adopt {
+                id,
+                task: key,
+                tag,
+                bytes_done: m.nums.bytes_done,
+                bytes_total: m.nums.bytes_total,
+                rebind,
+            }
+        }
         (_, tref) => no_task(None, t.failures(), pending_retry, tref),
     }
 }

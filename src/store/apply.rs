@@ -24,7 +24,9 @@ pub struct ApplyReport {
     pub applied: usize,
     /// `deliver` claims another process won first: do not deliver these here.
     pub claims_lost: Vec<TransferId>,
-    /// Records another process had already removed or moved (skipped).
+    /// Records another process had already removed or moved (skipped). An `adopt` that only
+    /// refreshes counters touches no file, so it does not notice: a removed record's counters
+    /// are dropped when they would be written.
     pub gone: Vec<TransferId>,
     /// Groups whose last member ended, claimed "finished" by this apply (see
     /// [`Store::claim_group_finished`]): each group appears here once, across every apply and
@@ -131,6 +133,7 @@ impl Store {
     /// are all attempted (those that succeeded stay applied); purges and quarantines are not
     /// attempted after a failed state change.
     pub fn apply(&self, plan: &Plan) -> Result<ApplyReport> {
+        self.core.fs.check()?;
         let mut report = ApplyReport::default();
         let mut groups: BTreeSet<String> = BTreeSet::new();
         let now = self.now();
@@ -143,6 +146,20 @@ impl Store {
                 && let Some(g) = t.manifest.group
             {
                 groups.insert(g);
+            }
+            if let Action::Adopt {
+                id,
+                bytes_done,
+                bytes_total,
+                rebind: false,
+                ..
+            } = a
+            {
+                // Bound to this task already: only the counters are news, kept as coalesced
+                // progress with its bounded staleness (no lock, no write, no flush now).
+                self.coalesce(*id, *bytes_done, *bytes_total);
+                report.applied += 1;
+                continue;
             }
             if let Some(c) = change_of(a, now) {
                 changes.push(c);
@@ -224,6 +241,7 @@ fn change_of(a: &Action, now: SystemTime) -> Option<Change<'static, Applied>> {
             tag,
             bytes_done,
             bytes_total,
+            ..
         } => {
             let (id, done, total) = (*id, *bytes_done, *bytes_total);
             let b = TaskBinding {
@@ -276,7 +294,7 @@ fn change_of(a: &Action, now: SystemTime) -> Option<Change<'static, Applied>> {
                 Outcome::Succeeded { status } => *status,
                 _ => None,
             };
-            Change::new(id, "complete", move |_, s| {
+            Change::state_only(id, "complete", move |s| {
                 let (c, changed) = complete_change(s, status);
                 Ok((
                     match c {
@@ -287,7 +305,7 @@ fn change_of(a: &Action, now: SystemTime) -> Option<Change<'static, Applied>> {
                 ))
             })
         }
-        Action::Expire { id, .. } => Change::new(*id, "expire", |_, s| {
+        Action::Expire { id, .. } => Change::state_only(*id, "expire", |s| {
             let (expired, changed) = expire_change(s);
             Ok((Applied::Done(expired), changed))
         }),

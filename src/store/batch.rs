@@ -47,7 +47,9 @@ enum Item {
 /// platforms one `F_FULLFSYNC` after each file is sent to the drive) instead of one sync per
 /// change. Each change is the same compare-and-set as the single call of the same name, with
 /// the same answer; several changes to one transfer are applied in the order given and
-/// written once. Made by [`Store::batch`].
+/// written once. One difference: a change that needs only the state (complete, cancel, task
+/// lost, progress) does not read the manifest, so it does not report a damaged manifest as the
+/// single call would (`check` and a reconcile still do). Made by [`Store::batch`].
 ///
 /// ```
 /// # fn main() -> Result<(), waybill::Error> {
@@ -175,7 +177,7 @@ impl Batch<'_> {
                         bind_change(id, m, s, &task, None).map(|((), c)| (Changed::Bound, c))
                     })
                 }
-                Item::Complete(id, status) => Change::new(id, "complete", move |_, s| {
+                Item::Complete(id, status) => Change::state_only(id, "complete", move |s| {
                     let (a, c) = complete_change(s, status);
                     Ok((Changed::Completed(a), c))
                 }),
@@ -183,14 +185,14 @@ impl Batch<'_> {
                     let (a, c) = fail_change(m, s, None, class, &error, now);
                     Ok((Changed::Failed(a), c))
                 }),
-                Item::Cancel(id) => Change::new(id, "cancel", |_, s| {
+                Item::Cancel(id) => Change::state_only(id, "cancel", |s| {
                     let (a, c) = cancel_change(s);
                     Ok((Changed::Cancelled(a), c))
                 }),
-                Item::TaskLost(id) => Change::new(id, "task lost", |_, s| {
+                Item::TaskLost(id) => Change::state_only(id, "task lost", |s| {
                     Ok((Changed::TaskLost, task_lost_change(s).1))
                 }),
-                Item::Progress(id, done, total) => Change::new(id, "progress", move |_, s| {
+                Item::Progress(id, done, total) => Change::state_only(id, "progress", move |s| {
                     Ok((Changed::Progressed, progress_change(s, done, total).1))
                 }),
                 Item::Acknowledge(id) => {

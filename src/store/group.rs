@@ -185,23 +185,35 @@ impl Store {
         }
     }
 
-    /// Cancels every member of a group that has not ended.
+    /// Cancels every member of a group that has not ended, with one group commit (one shared
+    /// flush per part, see [`Store::batch`]).
     ///
     /// # Errors
-    /// The first error met; members before it stay cancelled.
+    /// The first error met, in list order; the other members' cancels stay applied.
     pub fn cancel_group(&self, name: &str) -> Result<Vec<(TransferId, CancelResult)>> {
+        let ids: Vec<TransferId> = self
+            .list(&crate::Filter::all().group(name))?
+            .into_iter()
+            .filter(|t| t.state.phase != Phase::Cancelled)
+            .map(|t| t.id())
+            .collect();
+        let mut batch = self.batch();
+        for id in &ids {
+            batch.cancel(*id);
+        }
         let mut out = Vec::new();
-        for t in self.list(&crate::Filter::all().group(name))? {
-            if t.state.phase == Phase::Cancelled {
-                continue;
-            }
-            match self.cancel(t.id()) {
-                Ok(r) => out.push((t.id(), r)),
+        let mut first = None;
+        for (id, r) in ids.into_iter().zip(batch.commit()) {
+            match r {
+                Ok(crate::Changed::Cancelled(c)) => out.push((id, c)),
+                Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
             }
         }
-        Ok(out)
+        first.map_or(Ok(out), Err)
     }
 }
 

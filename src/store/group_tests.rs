@@ -181,7 +181,10 @@ fn adopting_unchanged_bindings_flushes_nothing_and_flush_writes_the_counters() -
     // Not yet durable, but kept: the next flush writes them all, a few flushes for all.
     let (r, flushes) = f.count(|| store.flush());
     r?;
-    assert!(flushes <= bound(N, 64) - 2, "flush() made {flushes} flushes");
+    assert!(
+        flushes <= bound(N, 64) - 2,
+        "flush() made {flushes} flushes"
+    );
     let other = Store::builder().background_flush(false).open(d.path())?;
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(other.get(*id)?.state.bytes_done, 1000 + i as u64);
@@ -293,11 +296,14 @@ fn a_batch_writes_each_transfer_once_and_refusals_fail_alone() -> Result<()> {
     batch
         .bind(a, task(1))
         .progress(a, 10, Some(100))
-        .bind(b, TaskBinding {
-            session: "elsewhere".into(),
-            task_id: 2,
-            tag: None,
-        })
+        .bind(
+            b,
+            TaskBinding {
+                session: "elsewhere".into(),
+                task_id: 2,
+                tag: None,
+            },
+        )
         .complete(a, Some(201))
         .complete(a, Some(202))
         .cancel(TransferId::new_v4());
@@ -367,4 +373,99 @@ fn each_lock_is_held_until_the_shared_flush_returns() -> Result<()> {
     }
     assert!(checked.load(SeqCst) >= ids.len() as u64);
     Ok(())
+}
+
+/// A failed shared flush fails every change it covered and poisons the store; a failed write
+/// of one member fails that member's changes alone.
+#[test]
+fn a_failed_flush_fails_every_change_and_a_failed_write_fails_one() -> Result<()> {
+    let d = tmp()?;
+    // Which calls fail: the second state write of the batch, or any flush (a batch of three
+    // syncs file by file; `syncfs` where a file system sync is used).
+    let fail: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let writes = Arc::new(AtomicU64::new(0));
+    let (f, w) = (Arc::clone(&fail), Arc::clone(&writes));
+    let spy = crate::testkit::spy::Spy::new(move |c| {
+        let armed = lock(&f).contains(&c.name);
+        if armed && (c.name != "write_at" || w.fetch_add(1, SeqCst) == 1) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    });
+    let store = Store::builder()
+        .backend(Arc::new(spy))
+        .background_flush(false)
+        .open(d.path())?;
+    let ids = downloads(&store, 3)?;
+    *lock(&fail) = vec!["write_at"];
+    let mut b = store.batch();
+    for (i, id) in ids.iter().enumerate() {
+        b.bind(*id, task(i as u64));
+    }
+    let r = b.commit();
+    // Members are written in id order: the second one's write fails.
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let victim = ids.iter().position(|id| *id == sorted[1]);
+    let failed: Vec<usize> = (0..3).filter(|&i| r[i].is_err()).collect();
+    assert_eq!(failed, victim.into_iter().collect::<Vec<_>>(), "{r:?}");
+    store.core.fs.check()?;
+    let other = Store::builder().background_flush(false).open(d.path())?;
+    for id in &ids {
+        let bound = other.get(*id)?.state.binding.is_some();
+        assert_eq!(bound, *id != sorted[1], "{id}");
+    }
+    *lock(&fail) = vec!["sync_fs", "sync_data", "full_sync"];
+    let mut b = store.batch();
+    for id in &ids {
+        b.complete(*id, Some(200));
+    }
+    let r = b.commit();
+    assert!(r.iter().all(|r| r.is_err()), "{r:?}");
+    assert!(matches!(
+        store.core.fs.check().map_err(|e| e.into_kind()),
+        Err(ErrorKind::Poisoned { .. })
+    ));
+    Ok(())
+}
+
+/// Two handles committing over the same transfers at once, each on several threads, never
+/// wait on each other in a cycle: every change succeeds, none times out as `Busy`.
+#[test]
+fn concurrent_multi_threaded_commits_never_deadlock() -> Result<()> {
+    const N: usize = 600;
+    let d = tmp()?;
+    let open = || {
+        Store::builder()
+            .background_flush(false)
+            .batch_threads(2)
+            .lock_timeout(std::time::Duration::from_secs(2))
+            .open(d.path())
+    };
+    let first = open()?;
+    let ids = downloads(&first, N)?;
+    let second = open()?;
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = [&first, &second]
+            .into_iter()
+            .enumerate()
+            .map(|(k, store)| {
+                let ids = &ids;
+                scope.spawn(move || -> Result<()> {
+                    for round in 0..4u64 {
+                        let mut b = store.batch();
+                        for (i, id) in ids.iter().enumerate() {
+                            b.progress(*id, round * 10_000 + k as u64 * 1000 + i as u64, None);
+                        }
+                        for r in b.commit() {
+                            r?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
 }

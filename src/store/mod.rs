@@ -96,6 +96,10 @@ pub(crate) struct Core {
     /// How many transfers one shared flush of a group commit covers at most (each keeps its
     /// state file open and locked until the flush): the open-file budget a batch create uses.
     pub(crate) group_part: usize,
+    /// Threads a large group commit locks and writes on ([`StoreBuilder::batch_threads`]).
+    pub(crate) group_threads: usize,
+    /// The fewest written files a group commit syncs with one `syncfs`.
+    pub(crate) shared_sync_min: usize,
 }
 
 impl fmt::Debug for Store {

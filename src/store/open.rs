@@ -383,6 +383,8 @@ impl Store {
             states: StateFiles::new(cfg.lock_timeout),
             journal,
             group_part: cfg.open_budget.unwrap_or_else(crate::fs::open_file_budget),
+            group_threads: cfg.batch_threads,
+            shared_sync_min: cfg.shared_sync_min,
         });
         let mut store = Store {
             core,

@@ -96,7 +96,7 @@ impl Core {
     fn flush_many(&self, ids: Vec<TransferId>) -> Result<()> {
         let changes = ids
             .iter()
-            .map(|&id| Change::new(id, "flush progress", |_, _| Ok(((), false))))
+            .map(|&id| Change::state_only(id, "flush progress", |_| Ok(((), false))))
             .collect();
         let mut first = None;
         for (id, r) in ids.iter().zip(self.commit(changes, self.group_part)) {
@@ -192,10 +192,16 @@ impl Store {
     /// # Errors
     /// The first I/O error met; the other transfers are still flushed.
     pub fn flush(&self) -> Result<()> {
+        // Claimed (their write time set to now), so the background flusher does not take
+        // the same transfers at the same time and wait on their locks.
+        let now = Instant::now();
         let mut dirty: Vec<TransferId> = lock(&self.core.pending)
-            .iter()
+            .iter_mut()
             .filter(|(_, p)| p.dirty)
-            .map(|(id, _)| *id)
+            .map(|(id, p)| {
+                p.last_flush = now;
+                *id
+            })
             .collect();
         // In id order, so the writes a flush makes come in the same order every time.
         dirty.sort_unstable();

@@ -15,11 +15,12 @@ impl Core {
     /// whether a download has resume data.
     pub(super) fn entry_body(
         &self,
-        manifest: &Manifest,
+        manifest: Option<&Manifest>,
         dir: &Path,
         state: Vec<u8>,
     ) -> crate::format::index::EntryBody {
-        let resume = manifest.kind == Kind::Download
+        // Without the manifest, the file tells (an upload never has resume data).
+        let resume = manifest.is_none_or(|m| m.kind == Kind::Download)
             && self.fs.lstat(&dir.join(RESUME)).is_ok_and(|m| m.is_file());
         crate::format::index::EntryBody {
             state,
@@ -39,7 +40,7 @@ impl Core {
         state: Vec<u8>,
     ) {
         if let Some(h) = held {
-            h.entry(id, &self.entry_body(manifest, dir, state));
+            h.entry(id, &self.entry_body(Some(manifest), dir, state));
         }
     }
 
