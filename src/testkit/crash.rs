@@ -124,8 +124,14 @@ fn views(store: &Store) -> Result<Views, String> {
 /// One step of a sequence.
 #[derive(Debug, Clone)]
 enum Step {
-    Upload { len: usize, group: bool },
-    UploadFile { len: usize, link: LinkMode },
+    Upload {
+        len: usize,
+        group: bool,
+    },
+    UploadFile {
+        len: usize,
+        link: LinkMode,
+    },
     Download,
     Batch(usize),
     Bind(usize),
@@ -140,8 +146,20 @@ enum Step {
     ResumeData(usize, usize),
     Accept(usize, usize),
     ReconcileApply,
+    /// A batch of lifecycle changes committed together (`Store::batch`).
+    Group(Vec<(usize, GroupOp)>),
     Gc,
     Reopen,
+}
+
+/// One change of a [`Step::Group`].
+#[derive(Debug, Clone, Copy)]
+enum GroupOp {
+    Bind,
+    Progress(u64),
+    Complete,
+    Fail(bool),
+    Cancel,
 }
 
 /// The reference model's record of one transfer.
@@ -250,7 +268,7 @@ impl Model {
     fn next_step(&self, rng: &mut impl Draw) -> Step {
         let live = self.live().len();
         loop {
-            let step = match rng.below(21) {
+            let step = match rng.below(23) {
                 0 | 1 if live < 6 => Step::Upload {
                     len: 1 + rng.below(1500) as usize,
                     group: rng.below(2) == 0,
@@ -319,6 +337,29 @@ impl Model {
                 18 => Step::ReconcileApply,
                 19 => Step::Reopen,
                 20 => Step::Gc,
+                21 | 22 => {
+                    let n = 2 + rng.below(4);
+                    let mut ops = Vec::new();
+                    for _ in 0..n {
+                        let Some(i) = self.pick(rng, |_| true) else {
+                            break;
+                        };
+                        ops.push((
+                            i,
+                            match rng.below(5) {
+                                0 => GroupOp::Bind,
+                                1 => GroupOp::Progress(rng.below(1 << 20)),
+                                2 => GroupOp::Complete,
+                                3 => GroupOp::Fail(rng.below(4) == 0),
+                                _ => GroupOp::Cancel,
+                            },
+                        ));
+                    }
+                    if ops.is_empty() {
+                        continue;
+                    }
+                    Step::Group(ops)
+                }
                 _ => continue,
             };
             return step;
@@ -542,12 +583,16 @@ fn exec(
                     continue;
                 };
                 if let (Some(task), Phase::Running) = (r.task, r.phase) {
-                    let t = Task::running(
+                    let mut t = Task::running(
                         SESSION,
                         task,
                         s.get(id).map_err(|x| e("get", x))?.request().url.clone(),
                     )
                     .tag(id.to_string());
+                    // The platform's counters moved (derived from the task, so the sequence
+                    // draws nothing more).
+                    t.bytes_done = task.wrapping_mul(7919) % (1 << 20);
+                    t.bytes_total = Some(1 << 20);
                     match rng.below(3) {
                         0 => tasks.push(t.completed(200)),
                         1 => tasks.push(t),
@@ -559,6 +604,15 @@ fn exec(
                 .reconcile(&Sessions::only([SESSION]), &tasks, clock())
                 .map_err(|x| e("reconcile", x))?;
             s.apply(&plan).map_err(|x| e("apply", x))?;
+            // An adopt's counters: written with a changed binding, else coalesced progress.
+            let adopted: BTreeMap<TransferId, u64> = plan
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Adopt { id, bytes_done, .. } => Some((*id, *bytes_done)),
+                    _ => None,
+                })
+                .collect();
             // The actions that rewrite a record (and so write its coalesced progress).
             let wrote: HashSet<TransferId> = plan
                 .actions
@@ -607,6 +661,93 @@ fn exec(
                         r.failures = v.state.failures;
                         r.bytes_done = v.state.bytes_done;
                         r.task = v.state.binding.as_ref().map(|b| b.task_id);
+                        if let Some(&done) = adopted.get(&id)
+                            && done != v.state.bytes_done
+                        {
+                            r.coalesced = Some(done);
+                        }
+                    }
+                }
+            }
+        }
+        Step::Group(ops) => {
+            let mut batch = s.batch();
+            let mut tasks = Vec::new();
+            for (i, op) in ops {
+                let id = id_at(model, *i)?;
+                match op {
+                    GroupOp::Bind => {
+                        model.next_task += 1;
+                        tasks.push(model.next_task);
+                        batch.bind(
+                            id,
+                            TaskBinding {
+                                session: SESSION.into(),
+                                task_id: model.next_task,
+                                tag: Some(id.to_string()),
+                            },
+                        )
+                    }
+                    GroupOp::Progress(done) => batch.progress(id, *done, Some(1 << 20)),
+                    GroupOp::Complete => batch.complete(id, Some(200)),
+                    GroupOp::Fail(true) => batch.fail(id, ErrorClass::Permanent, "reset"),
+                    GroupOp::Fail(false) => batch.fail(id, ErrorClass::Transient, "reset"),
+                    GroupOp::Cancel => batch.cancel(id),
+                };
+            }
+            let results = batch.commit();
+            let mut tasks = tasks.into_iter();
+            // Each transfer's coalesced progress rides along once, before its first change.
+            for (i, _) in ops {
+                let r = model.recs.get_mut(&id_at(model, *i)?).ok_or("model")?;
+                r.merge();
+            }
+            for ((i, op), got) in ops.iter().zip(results) {
+                let id = id_at(model, *i)?;
+                let r = model.recs.get_mut(&id).ok_or("model")?;
+                let ended = r.terminal();
+                match (op, got) {
+                    (GroupOp::Bind, Err(x)) if ended => {
+                        if !matches!(x.kind(), crate::ErrorKind::InvalidArgument { .. }) {
+                            return Err(e("batch bind of an ended transfer", x));
+                        }
+                        tasks.next();
+                    }
+                    (_, Err(x)) => return Err(e("batch", x)),
+                    (GroupOp::Bind, Ok(_)) => {
+                        r.phase = Phase::Running;
+                        r.task = tasks.next();
+                    }
+                    (GroupOp::Progress(done), Ok(_)) => {
+                        if !ended {
+                            r.bytes_done = *done;
+                        }
+                    }
+                    (GroupOp::Complete, Ok(c)) => match c {
+                        crate::Changed::Completed(Completion::Won(_)) if !ended => {
+                            r.phase = Phase::Completed;
+                        }
+                        crate::Changed::Completed(Completion::Lost(_)) if ended => {}
+                        c => return Err(format!("batch complete: {c:?} in {:?}", r.phase)),
+                    },
+                    (GroupOp::Fail(permanent), Ok(_)) => {
+                        if !ended {
+                            if *permanent {
+                                r.phase = Phase::Failed;
+                            } else {
+                                r.failures += 1;
+                                r.phase = if r.failures >= 5 {
+                                    Phase::Failed
+                                } else {
+                                    Phase::WaitingToRetry
+                                };
+                            }
+                        }
+                    }
+                    (GroupOp::Cancel, Ok(_)) => {
+                        if !ended {
+                            r.phase = Phase::Cancelled;
+                        }
                     }
                 }
             }
@@ -630,6 +771,10 @@ struct Tally {
     faults: u64,
     /// Recoveries crashed.
     recoveries: u64,
+    /// States of steps that ran a group commit (a batch, an apply, a flush), and of those on
+    /// a disk that flushes as Apple platforms do.
+    group_states: u64,
+    apple_group_states: u64,
     violations: Vec<String>,
 }
 
@@ -641,13 +786,29 @@ struct Expect<'a> {
     coalesced: &'a HashSet<TransferId>,
     /// A gc was interrupted: a cancelled record may also be gone.
     gc_ran: bool,
+    /// The disk flushes as Apple platforms do (see `Sim::apple`).
+    apple: bool,
+}
+
+/// The simulated machine that mounts `img` after a power loss, flushing as `apple` says.
+fn mount(img: Image, apple: bool) -> Arc<Sim> {
+    let sim = Sim::from_image(img);
+    if apple {
+        sim.apple(false);
+    }
+    sim
+}
+
+/// Whether a seam call is a sync of any kind (a failed one must never be reported as success).
+fn is_sync(call: &str) -> bool {
+    call.starts_with("sync") || call == "full_sync"
 }
 
 /// The disk a crash left, reopened (and gc'd) and checked: every transfer is as it was before
 /// the interrupted operation or as it is after it. Returns what the reopened store held.
 fn check(img: Image, x: &Expect<'_>) -> Result<Views, String> {
     let (before, after, gc_ran) = (x.before, x.after, x.gc_ran);
-    let sim = Sim::from_image(img);
+    let sim = mount(img, x.apple);
     let store = open(&sim).map_err(|e| format!("reopen failed: {e}"))?;
     let got = views(&store)?;
     let ids: std::collections::BTreeSet<&TransferId> = before
@@ -776,6 +937,7 @@ fn explore(
                     after: &got,
                     coalesced: &none,
                     gc_ran: true,
+                    apple: x.apple,
                 };
                 if let Some(img) = img2.as_ref().filter(|_| fault) {
                     let what = format!("{what}, crash before call {si}, {tear:?}");
@@ -783,7 +945,7 @@ fn explore(
                 }
                 if let Some(img) = img2.filter(|_| recrash) {
                     // Crash the recovery itself at each of its calls.
-                    let sim = Sim::from_image(img);
+                    let sim = mount(img, x.apple);
                     sim.record();
                     match open(&sim).and_then(|s| s.gc().map(drop)) {
                         Ok(()) => {
@@ -806,7 +968,7 @@ fn explore(
 /// process left it, or only what was durable) reopens with nothing lost.
 fn faulty_recovery(img: &Image, x: &Expect<'_>, tally: &mut Tally, what: &str) {
     for n in 0.. {
-        let sim = Sim::from_image(img.clone());
+        let sim = mount(img.clone(), x.apple);
         sim.fail_call(n);
         let r = open(&sim).and_then(|s| {
             let r = s.gc().map(drop);
@@ -820,7 +982,7 @@ fn faulty_recovery(img: &Image, x: &Expect<'_>, tally: &mut Tally, what: &str) {
             break;
         };
         tally.faults += 1;
-        if call.starts_with("sync") && r.is_ok() {
+        if is_sync(call) && r.is_ok() {
             tally.violations.push(format!(
                 "{what}: EIO at recovery call {n} ({call}) reported as success"
             ));
@@ -849,6 +1011,12 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
     seeded_ids::seed(Some(seed));
     let mut rng = Rng(seed);
     let sim = Sim::new();
+    // Every other sequence flushes as Apple platforms do: group commits send each file to the
+    // drive and flush the drive's cache once.
+    let apple = seed % 2 == 1;
+    if apple {
+        sim.apple(false);
+    }
     let mut model = Model::default();
     let mut seen = HashSet::new();
     let mut views_now = Views::new();
@@ -890,9 +1058,17 @@ fn run_sequence(seed: u64, tally: &mut Tally) {
             after: &after,
             coalesced: &coalesced,
             gc_ran: false,
+            apple,
         };
         let tag = 2 * i as u64;
+        let states = tally.states;
         explore(&snaps, &x, &mut seen, tag, &mut erng, tally, &what, false);
+        if matches!(step, Step::Group(_) | Step::ReconcileApply | Step::Flush) {
+            tally.group_states += tally.states - states;
+            if apple {
+                tally.apple_group_states += tally.states - states;
+            }
+        }
         views_now = after;
         if steps.len() < STEPS {
             steps.push(model.next_step(&mut rng));
@@ -1044,7 +1220,7 @@ pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
         "EIO at call {call} ({}) of step {step} {:?}",
         f.call, f.step
     );
-    if f.call.starts_with("sync") && f.result.is_ok() {
+    if is_sync(f.call) && f.result.is_ok() {
         return Err(format!("{what}: reported as success"));
     }
     let at_error = f.sim.snapshot();
@@ -1060,6 +1236,7 @@ pub(crate) fn ops_model(data: &[u8]) -> Result<(), String> {
         after,
         coalesced: &f.coalesced,
         gc_ran: false,
+        apple: false,
     };
     for (snap, when) in [
         (&at_error, "at the error"),
@@ -1085,18 +1262,24 @@ fn every_crash_state_of_random_sequences_keeps_what_was_acknowledged() {
         tally.states < target && tally.violations.is_empty()
     });
     println!(
-        "crash states explored: {}, violations: {} ({} sequences, {} call boundaries, {} states during recovery, {} recoveries with an I/O error)",
+        "crash states explored: {}, violations: {} ({} sequences, {} call boundaries, {} states during recovery, {} recoveries with an I/O error; {} states in group commits, {} of them on the Apple flush path)",
         tally.states + tally.recovery_states,
         tally.violations.len(),
         sequences,
         tally.snapshots,
         tally.recovery_states,
-        tally.faults
+        tally.faults,
+        tally.group_states,
+        tally.apple_group_states
     );
     assert!(
         tally.violations.is_empty(),
         "violations (replay one with WAYBILL_CRASH_SEED=<seed>):\n{}",
         tally.violations.join("\n")
+    );
+    assert!(
+        tally.apple_group_states > 0 && tally.group_states > tally.apple_group_states,
+        "group commits were explored on both flush paths"
     );
 }
 

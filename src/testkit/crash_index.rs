@@ -79,6 +79,9 @@ enum Step {
     Cancel(Who, usize),
     Acknowledge(Who, usize),
     Remove(Who, usize),
+    /// A batch (group commit): binds the `k`-th transfer and the next, records progress of
+    /// the `k`-th, completes the one after.
+    Batch(Who, usize),
     /// Lists through the index (reading it, writing a checkpoint, cutting the journal back).
     List,
     /// Plans through the index's facts.
@@ -104,7 +107,7 @@ fn next_step(rng: &mut Rng, created: usize) -> Step {
         return Step::Create(w, 1 + rng.below(200) as usize);
     }
     let k = rng.below(created as u64) as usize;
-    match rng.below(20) {
+    match rng.below(21) {
         0..=3 => Step::Create(w, 1 + rng.below(200) as usize),
         4..=5 => Step::Bind(w, k),
         6..=7 => Step::Progress(w, k, rng.below(1 << 20)),
@@ -116,7 +119,8 @@ fn next_step(rng: &mut Rng, created: usize) -> Step {
         14..=15 => Step::Plan,
         16 => Step::Release,
         17 => Step::DeleteIndex,
-        _ => Step::Reopen(w),
+        18 => Step::Reopen(w),
+        _ => Step::Batch(w, k),
     }
 }
 
@@ -216,6 +220,35 @@ fn exec(
         Step::Remove(w, k) => match (pair.get(*w), pick(*k)) {
             (Some(s), Some(id)) => s.remove(id),
             _ => Ok(()),
+        },
+        Step::Batch(w, k) => match pair.get(*w) {
+            Some(s) => {
+                let mut b = s.batch();
+                for j in [*k, *k + 1] {
+                    if let Some(id) = pick(j % ids.len().max(1)) {
+                        b.bind(
+                            id,
+                            TaskBinding {
+                                session: SESSION.into(),
+                                task_id: 100 + j as u64,
+                                tag: Some(id.to_string()),
+                            },
+                        );
+                    }
+                }
+                if let Some(id) = pick(*k) {
+                    b.progress(id, 4096, Some(1 << 20));
+                }
+                if let Some(id) = pick((*k + 2) % ids.len().max(1)) {
+                    b.complete(id, Some(200));
+                }
+                // Refusals (an ended or removed transfer) are expected; others are not.
+                b.commit()
+                    .into_iter()
+                    .find_map(|r| r.err().filter(|e| !expected(e)))
+                    .map_or(Ok(()), Err)
+            }
+            None => Ok(()),
         },
         Step::List => match pair.get(Who::Holder) {
             Some(s) => s.list(&crate::Filter::all()).map(drop),

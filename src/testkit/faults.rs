@@ -269,9 +269,10 @@ fn builder() -> crate::StoreBuilder {
         .lock_timeout(Duration::from_millis(200))
 }
 
-/// What a scenario set up: the transfer the operation targets, and a file outside the store.
+/// What a scenario set up: the transfers the operation targets (none for a create), and a
+/// file outside the store.
 struct Ctx {
-    target: Option<TransferId>,
+    targets: Vec<TransferId>,
     outside: PathBuf,
 }
 
@@ -286,9 +287,29 @@ fn bound(s: &Store, _: &Path) -> crate::Result<Ctx> {
     let id = download(s)?;
     s.bind(id, binding(1))?;
     Ok(Ctx {
-        target: Some(id),
+        targets: vec![id],
         outside: PathBuf::new(),
     })
+}
+
+/// Four bound downloads (tasks 1 to 4), all targets.
+fn four_bound(s: &Store, _: &Path) -> crate::Result<Ctx> {
+    let mut targets = Vec::new();
+    for i in 0..4u64 {
+        let id =
+            s.create(NewTransfer::download(format!("https://cdn.example/{i}")).session("bg"))?;
+        s.bind(id, binding(i + 1))?;
+        targets.push(id);
+    }
+    Ok(Ctx {
+        targets,
+        outside: PathBuf::new(),
+    })
+}
+
+/// The first error among a batch's results.
+fn all_ok(results: Vec<crate::Result<crate::Changed>>) -> crate::Result<()> {
+    results.into_iter().try_for_each(|r| r.map(drop))
 }
 
 fn binding(task_id: u64) -> TaskBinding {
@@ -303,14 +324,28 @@ fn nothing(_: &Store, dir: &Path) -> crate::Result<Ctx> {
     let outside = dir.join("source.bin");
     std::fs::write(&outside, vec![7u8; 3000]).map_err(|e| crate::Error::io("write", dir, e))?;
     Ok(Ctx {
-        target: None,
+        targets: Vec::new(),
         outside,
     })
 }
 
+/// The scenarios that run a group commit: each also runs flushing as Apple platforms do.
+const GROUP_COMMITS: [&str; 4] = [
+    "a batch of lifecycle changes",
+    "reconcile and apply, group commit",
+    "flush coalesced progress",
+    "reconcile and apply",
+];
+
 fn scenarios() -> Vec<(&'static str, Setup, Op)> {
     fn t(c: &Ctx) -> TransferId {
-        c.target.unwrap_or_else(TransferId::new_v4)
+        c.targets
+            .first()
+            .copied()
+            .unwrap_or_else(TransferId::new_v4)
+    }
+    fn nth(c: &Ctx, i: usize) -> TransferId {
+        c.targets.get(i).copied().unwrap_or_else(TransferId::new_v4)
     }
     vec![
         ("create an upload from bytes", nothing, |s, _| {
@@ -340,7 +375,7 @@ fn scenarios() -> Vec<(&'static str, Setup, Op)> {
             "bind",
             |s, d| {
                 let mut c = nothing(s, d)?;
-                c.target = Some(download(s)?);
+                c.targets = vec![download(s)?];
                 Ok(c)
             },
             |s, c| s.bind(t(c), binding(3)),
@@ -385,6 +420,32 @@ fn scenarios() -> Vec<(&'static str, Setup, Op)> {
             let plan = s.reconcile(&Sessions::only(["bg"]), &tasks, clock())?;
             s.apply(&plan).map(drop)
         }),
+        ("a batch of lifecycle changes", four_bound, |s, c| {
+            let mut b = s.batch();
+            b.bind(nth(c, 0), binding(9))
+                .progress(nth(c, 0), 40, Some(100))
+                .complete(nth(c, 1), Some(200))
+                .cancel(nth(c, 2))
+                .fail(nth(c, 3), ErrorClass::Transient, "reset");
+            all_ok(b.commit())
+        }),
+        ("reconcile and apply, group commit", four_bound, |s, c| {
+            let url = |i: usize| format!("https://cdn.example/{i}");
+            let tasks = [
+                Task::running("bg", 1, url(0)).completed(200),
+                Task::running("bg", 20, url(1)).tag(nth(c, 1).to_string()),
+                Task::running("bg", 3, url(2)).failed("reset"),
+                Task::running("bg", 4, url(3)).completed(503),
+            ];
+            let plan = s.reconcile(&Sessions::only(["bg"]), &tasks, clock())?;
+            s.apply(&plan).map(drop)
+        }),
+        ("flush coalesced progress", four_bound, |s, c| {
+            for (i, id) in c.targets.iter().enumerate() {
+                s.progress(*id, 10 + i as u64, Some(100), Durability::Coalesced)?;
+            }
+            s.flush()
+        }),
     ]
 }
 
@@ -406,7 +467,8 @@ fn essence(t: &Transfer) -> Essence {
     (
         s.phase,
         s.failures,
-        s.binding.clone(),
+        // A tag here is the transfer's id, which differs from run to run.
+        s.binding.clone().map(|b| TaskBinding { tag: None, ..b }),
         s.bytes_done,
         s.bytes_total,
         s.outcome.clone(),
@@ -465,10 +527,30 @@ fn tmp() -> tempfile::TempDir {
 fn every_fault_at_every_call_of_every_operation_is_typed_and_loses_nothing() {
     let mut injected = 0u64;
     let mut runs = 0u64;
-    for (name, setup, op) in scenarios() {
+    let mut group_faults = 0u64;
+    let runs_of = scenarios().into_iter().flat_map(|(name, setup, op)| {
+        // Group commits also flush as Apple platforms do.
+        let apple_too = GROUP_COMMITS.contains(&name);
+        [(name, setup, op, false)]
+            .into_iter()
+            .chain(apple_too.then_some((name, setup, op, true)))
+    });
+    for (name, setup, op, apple) in runs_of {
+        let faulty = |n, f| {
+            if apple {
+                Faulty::apple(n, f)
+            } else {
+                Faulty::new(n, f)
+            }
+        };
+        let name = if apple {
+            format!("{name} (Apple flush)")
+        } else {
+            name.to_owned()
+        };
         // A fault-free run: how many calls the operation makes, and what it leaves.
         let d = tmp();
-        let counter = Faulty::new(u64::MAX, Fault::Eio);
+        let counter = faulty(u64::MAX, Fault::Eio);
         let (r, _, ctx, store) = run(d.path(), setup, op, Some(counter.clone()));
         r.unwrap_or_else(|e| panic!("{name}: fault-free run failed: {e}"));
         drop(store);
@@ -478,23 +560,27 @@ fn every_fault_at_every_call_of_every_operation_is_typed_and_loses_nothing() {
             "{name}: no file system calls went through the seam"
         );
         let reference = builder().open(d.path().join("store")).expect("reopen");
-        let want = ctx
-            .target
-            .and_then(|id| reference.get(id).ok())
-            .map(|t| essence(&t));
+        let want: Vec<Option<Essence>> = ctx
+            .targets
+            .iter()
+            .map(|id| reference.get(*id).ok().map(|t| essence(&t)))
+            .collect();
         let want_count = all(&reference).len();
 
         for fault in FAULTS {
             for n in 0..calls {
                 runs += 1;
                 let d = tmp();
-                let b = Faulty::new(n, fault);
+                let b = faulty(n, fault);
                 let (r, before, ctx, store) = run(d.path(), setup, op, Some(b.clone()));
                 let store = store.expect("store");
                 let Some(call) = b.hit() else {
                     continue; // this fault does not apply to call n
                 };
                 injected += 1;
+                if GROUP_COMMITS.iter().any(|g| name.starts_with(g)) {
+                    group_faults += 1;
+                }
                 let what = format!("{name}: {fault:?} at call {n} ({call})");
                 if let Err(e) = &r {
                     assert!(!e.to_string().is_empty(), "{what}: empty error");
@@ -547,24 +633,25 @@ fn every_fault_at_every_call_of_every_operation_is_typed_and_loses_nothing() {
                     }
                 }
                 // Untouched transfers are exactly as they were.
-                for old in before.iter().filter(|t| Some(t.id()) != ctx.target) {
+                for old in before.iter().filter(|t| !ctx.targets.contains(&t.id())) {
                     let now = after.iter().find(|t| t.id() == old.id());
                     assert_eq!(now, Some(old), "{what}: an untouched transfer changed");
                 }
-                // The target is as it was, or as the fault-free run left it (which it must be
-                // after Ok).
-                if let Some(id) = ctx.target {
-                    let got = after.iter().find(|t| t.id() == id).map(essence);
-                    let old = before.iter().find(|t| t.id() == id).map(essence);
+                // Each target is as it was, or as the fault-free run left it (which every one
+                // must be after Ok).
+                for (id, want) in ctx.targets.iter().zip(&want) {
+                    let got = after.iter().find(|t| t.id() == *id).map(essence);
+                    let old = before.iter().find(|t| t.id() == *id).map(essence);
                     if r.is_ok() {
-                        assert_eq!(got, want, "{what}: Ok, but not the fault-free result");
+                        assert_eq!(&got, want, "{what}: Ok, but not the fault-free result");
                     } else {
                         assert!(
-                            got == old || got == want,
-                            "{what}: neither before nor after: {got:?}"
+                            got == old || &got == want,
+                            "{what}: {id} neither before nor after: {got:?}"
                         );
                     }
-                } else {
+                }
+                if ctx.targets.is_empty() {
                     // A create: whole (counted) or absent.
                     let n_new = after.len() - before.len();
                     let created = want_count - before.len();
@@ -592,6 +679,12 @@ fn every_fault_at_every_call_of_every_operation_is_typed_and_loses_nothing() {
             }
         }
     }
-    println!("faults injected: {injected} in {runs} runs, violations: 0");
+    println!(
+        "faults injected: {injected} in {runs} runs ({group_faults} in group commits), violations: 0"
+    );
+    assert!(
+        group_faults > 0,
+        "no fault was injected into a group commit"
+    );
     assert!(injected > 300, "too few faults injected: {injected}");
 }
