@@ -894,3 +894,65 @@ fn a_missing_payload_fails_an_active_upload_once_and_is_no_problem_after_it_ende
     assert_eq!(again.code, 0);
     assert_eq!(again.json()["repaired"]["failed"], serde_json::json!([]));
 }
+
+/// `batch` commits many changes at once, prints one result per change, and exits 1 when any
+/// failed; a malformed line is a usage error that changes nothing.
+#[test]
+fn batch_commits_many_changes_and_reports_each() {
+    let (_d, root, r) = store();
+    let a = bg_download(&r, "https://example.com/a");
+    let b = bg_download(&r, "https://example.com/b");
+    let c = bg_download(&r, "https://example.com/c");
+    let changes = format!(
+        "# a burst of callbacks\nbind {a} 7 tag-a\nbind {b} 8\nprogress {a} 100 1000\n\
+         complete {a} 200\ncomplete {a} 200\nfail {b} permanent server said no\ncancel {c}\n"
+    );
+    let run = wb_in(&["--json", "batch", &r], Some(changes.as_bytes()));
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let doc = run.json();
+    let results: Vec<J> = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["result"].clone())
+        .collect();
+    assert_eq!(doc["failed"], 0);
+    assert_eq!(results.len(), 7);
+    assert_eq!(results[3], "won");
+    assert!(results[4]["lost"].is_object(), "{results:?}");
+    assert_eq!(results[5], "gave-up");
+    assert_eq!(results[6], "cancelled");
+    let show = |id: &str| -> J { serde_json::from_str(&ok(&["--json", "show", &r, id])).unwrap() };
+    assert_eq!(show(&a)["phase"], "completed");
+    assert_eq!(show(&b)["phase"], "failed");
+    assert_eq!(show(&c)["phase"], "cancelled");
+    // A change that fails is reported, the others commit, and the exit code says so.
+    let file = root.parent().unwrap().join("changes.txt");
+    std::fs::write(&file, format!("ack {a}\nbind {c} 9\n")).unwrap();
+    let run = wb(&["batch", &r, "--changes", file.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains(&format!("ack {a}: ok")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("error:"), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("1 of 2 changes failed"),
+        "{}",
+        run.stderr
+    );
+    // Malformed lines: usage errors, nothing changed.
+    for bad in [
+        format!("bind {b}"),
+        format!("explode {b}"),
+        "cancel not-an-id".to_owned(),
+        format!("fail {b} sometimes oops"),
+    ] {
+        let before = snapshot(&root);
+        let run = wb_in(&["batch", &r], Some(bad.as_bytes()));
+        assert_eq!(run.code, 2, "{bad}: {}", run.stderr);
+        assert!(run.stderr.contains("line 1"), "{bad}: {}", run.stderr);
+        assert_eq!(snapshot(&root), before, "{bad} changed the store");
+    }
+}

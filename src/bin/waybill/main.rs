@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value as J, json};
 use waybill::{
-    CancelResult, Completion, Durability, ErrorClass, ErrorKind, FailResult, Filter, Kind,
+    CancelResult, Changed, Completion, Durability, ErrorClass, ErrorKind, FailResult, Filter, Kind,
     LinkMode, NewTransfer, Phase, RetryPolicy, Sessions, Store, TaskBinding, TransferId,
     UploadSource,
 };
@@ -114,6 +114,16 @@ enum Command {
     },
     /// Acknowledge a delivered outcome (purges the transfer).
     Ack { root: PathBuf, id: String },
+    /// Commit many lifecycle changes together (one shared flush), one per line of the file:
+    /// `bind ID TASK [TAG]`, `complete ID [STATUS]`, `fail ID transient|permanent ERROR`,
+    /// `cancel ID`, `lost ID`, `progress ID DONE [TOTAL]`, `ack ID`. Prints one result per
+    /// change; exits 1 when any change failed.
+    Batch {
+        root: PathBuf,
+        /// The changes, or `-` for standard input.
+        #[arg(long, value_name = "FILE|-", default_value = "-")]
+        changes: String,
+    },
     /// List transfers.
     Ls {
         root: PathBuf,
@@ -542,6 +552,7 @@ fn run(cmd: Command, out: &mut Output) -> Outcome {
             );
             Ok(())
         }
+        Command::Batch { root, changes } => batch(&root, &changes, out),
         Command::Ack { root, id: i } => {
             let i = id(&i)?;
             let store = open(&root)?;
@@ -1035,6 +1046,158 @@ fn fsck(root: &Path, repair: bool, out: &mut Output) -> Outcome {
     out.emit(doc, || lines.join("\n"));
     if left > 0 {
         return Err(Failure::Problems);
+    }
+    Ok(())
+}
+
+/// One line of a `batch` file, parsed.
+fn batch_line(store: &Store, b: &mut waybill::Batch<'_>, line: &str) -> Result<(), String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let num = |w: Option<&&str>, what: &str| -> Result<u64, String> {
+        w.ok_or(format!("{what} is missing"))?
+            .parse()
+            .map_err(|_| format!("{what} is not a number"))
+    };
+    let (op, rest) = words.split_first().ok_or("an empty line")?;
+    let i = rest
+        .first()
+        .ok_or("the transfer id is missing")
+        .and_then(|s| {
+            TransferId::parse_canonical(s)
+                .ok_or("the transfer id is not a lowercase hyphenated UUID")
+        })?;
+    let extra = |n: usize| {
+        if rest.len() > n {
+            Err(format!("{op} takes at most {} words", n))
+        } else {
+            Ok(())
+        }
+    };
+    match *op {
+        "bind" => {
+            extra(3)?;
+            let session = store.get(i).map_err(|e| e.to_string())?.manifest.session;
+            b.bind(
+                i,
+                TaskBinding {
+                    session,
+                    task_id: num(rest.get(1), "the task id")?,
+                    tag: rest.get(2).map(|t| (*t).to_owned()),
+                },
+            );
+        }
+        "complete" => {
+            extra(2)?;
+            let status = match rest.get(1) {
+                Some(s) => Some(s.parse().map_err(|_| "the status is not a number")?),
+                None => None,
+            };
+            b.complete(i, status);
+        }
+        "fail" => {
+            let class = match rest.get(1).copied() {
+                Some("transient") => ErrorClass::Transient,
+                Some("permanent") => ErrorClass::Permanent,
+                _ => return Err("fail needs `transient` or `permanent`".into()),
+            };
+            let error = rest.get(2..).unwrap_or_default().join(" ");
+            if error.is_empty() {
+                return Err("fail needs an error text".into());
+            }
+            b.fail(i, class, &error);
+        }
+        "cancel" => {
+            extra(1)?;
+            b.cancel(i);
+        }
+        "lost" => {
+            extra(1)?;
+            b.task_lost(i);
+        }
+        "progress" => {
+            extra(3)?;
+            let total = match rest.get(2) {
+                Some(_) => Some(num(rest.get(2), "the total")?),
+                None => None,
+            };
+            b.progress(i, num(rest.get(1), "the bytes done")?, total);
+        }
+        "ack" => {
+            extra(1)?;
+            b.acknowledge(i);
+        }
+        other => return Err(format!("unknown change {other:?}")),
+    }
+    Ok(())
+}
+
+fn batch(root: &Path, changes: &str, out: &mut Output) -> Outcome {
+    let text = if changes == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure::Usage(format!("cannot read standard input: {e}")))?;
+        s
+    } else {
+        String::from_utf8(read_file(Path::new(changes), "the changes")?)
+            .map_err(|_| Failure::Usage(format!("{changes} is not UTF-8 text")))?
+    };
+    let store = open(root)?;
+    let mut b = store.batch();
+    let mut lines = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        batch_line(&store, &mut b, line)
+            .map_err(|e| Failure::Usage(format!("line {}: {e}", n + 1)))?;
+        lines.push(line.to_owned());
+    }
+    let results = b.commit();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let answer = |r: &waybill::Result<Changed>| -> (J, String) {
+        match r {
+            Ok(Changed::Completed(Completion::Won(_))) => (json!("won"), "won".into()),
+            Ok(Changed::Completed(Completion::Lost(o))) => {
+                (json!({"lost": json::outcome(o)}), format!("lost {o}"))
+            }
+            Ok(Changed::Failed(FailResult::RetryAt(t))) => {
+                let at = time::format(*t);
+                (json!({"retry-at": at}), format!("retry-at {at}"))
+            }
+            Ok(Changed::Failed(FailResult::GaveUp)) => (json!("gave-up"), "gave-up".into()),
+            Ok(Changed::Failed(FailResult::AlreadyEnded(o)))
+            | Ok(Changed::Cancelled(CancelResult::AlreadyEnded(o))) => (
+                json!({"already-ended": json::outcome(o)}),
+                format!("already ended: {o}"),
+            ),
+            Ok(Changed::Cancelled(CancelResult::Cancelled { .. })) => {
+                (json!("cancelled"), "cancelled".into())
+            }
+            Ok(_) => (json!("ok"), "ok".into()),
+            Err(e) => (json!({"error": e.to_string()}), format!("error: {e}")),
+        }
+    };
+    let rows: Vec<(String, (J, String))> =
+        lines.into_iter().zip(results.iter().map(answer)).collect();
+    out.emit(
+        json!({
+            "changes": rows.iter().map(|(l, (j, _))| json!({"change": l, "result": j})).collect::<Vec<_>>(),
+            "failed": failed,
+        }),
+        || {
+            rows.iter()
+                .map(|(l, (_, t))| format!("{l}: {t}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+    );
+    if failed > 0 {
+        return Err(Failure::Refused(format!(
+            "{failed} of {} changes failed.",
+            results.len()
+        )));
     }
     Ok(())
 }
