@@ -252,23 +252,34 @@ impl Meta {
 /// between 32 and 1,024. Larger parts mean fewer `syncfs` calls, each of which waits for
 /// everything written on the file system so far.
 pub(crate) fn open_file_budget() -> usize {
+    budget_up_to(MAX_OPEN_BUDGET)
+}
+
+/// How many state files a group commit keeps open and locked at most for one shared flush: a
+/// quarter of the soft limit on open files, between 32 and 4,096 (one file per transfer, so
+/// larger parts than a batch create's; each part costs one `syncfs`).
+pub(crate) fn group_file_budget() -> usize {
+    budget_up_to(4 * MAX_OPEN_BUDGET)
+}
+
+/// A quarter of the process's soft limit on open files, between 32 and `max` (64 where the
+/// limit is not read).
+fn budget_up_to(max: usize) -> usize {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
-            .map_or(MAX_OPEN_BUDGET, |n| {
-                usize::try_from(n / 4).unwrap_or(MAX_OPEN_BUDGET)
-            })
-            .clamp(32, MAX_OPEN_BUDGET)
+            .map_or(max, |n| usize::try_from(n / 4).unwrap_or(max))
+            .clamp(32, max)
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {
+        let _ = max;
         64
     }
 }
 
 /// The most files [`open_file_budget`] grants.
-#[cfg(any(target_os = "linux", target_os = "android"))]
 const MAX_OPEN_BUDGET: usize = 1024;
 
 /// The one seam between the store and the file system: every byte the crate reads or writes,

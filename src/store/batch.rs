@@ -153,7 +153,7 @@ impl Batch<'_> {
 
     /// Commits every change and empties the batch. Returns one result per change, in the
     /// order they were added: `Ok` means that change is durable. Changes are committed in
-    /// parts (as many transfers as a batch create keeps open at once), each part durable
+    /// parts (up to a quarter of the process's limit on open files, at most 4,096 transfers), each part durable
     /// before the next begins; a failed shared flush fails every change of its part and of
     /// the parts after it, and poisons the store. A refused change (another session, an
     /// ended transfer, a missing one) fails alone.

@@ -113,6 +113,7 @@ fn an_apply_of_10000_actions_and_a_batch_of_10000_binds_pay_a_few_flushes() -> R
     let part = store.core.group_part;
     let ids = downloads(&store, N)?;
     let flushes = bind_all(&store, &f, &ids)?;
+    println!("a batch of {N} binds: {flushes} device flushes (parts of {part})");
     assert!(
         flushes <= bound(N, part),
         "a batch of {N} binds made {flushes} device flushes (part {part})"
@@ -136,6 +137,7 @@ fn an_apply_of_10000_actions_and_a_batch_of_10000_binds_pay_a_few_flushes() -> R
     let (report, flushes) = f.count(|| store.apply(&plan));
     let report = report?;
     assert_eq!(report.applied, N);
+    println!("an apply of {N} actions: {flushes} device flushes (parts of {part})");
     assert!(
         flushes <= bound(N, part),
         "an apply of {N} actions made {flushes} device flushes (part {part})"

@@ -94,7 +94,7 @@ pub(crate) struct Core {
     /// boots apart, or on a store opened read-only without one).
     pub(crate) journal: Option<crate::index::Journal>,
     /// How many transfers one shared flush of a group commit covers at most (each keeps its
-    /// state file open and locked until the flush): the open-file budget a batch create uses.
+    /// state file open and locked until the flush): `fs::group_file_budget`.
     pub(crate) group_part: usize,
     /// Threads a large group commit locks and writes on ([`StoreBuilder::batch_threads`]).
     pub(crate) group_threads: usize,

@@ -382,7 +382,7 @@ impl Store {
             pending: Mutex::new(HashMap::new()),
             states: StateFiles::new(cfg.lock_timeout),
             journal,
-            group_part: cfg.open_budget.unwrap_or_else(crate::fs::open_file_budget),
+            group_part: cfg.open_budget.unwrap_or_else(crate::fs::group_file_budget),
             group_threads: cfg.batch_threads,
             shared_sync_min: cfg.shared_sync_min,
         });

@@ -186,8 +186,8 @@ impl Store {
     }
 
     /// Writes every coalesced progress report not yet written, now, with one group commit:
-    /// one shared flush per part of up to [`StoreBuilder`](crate::StoreBuilder)'s open-file
-    /// budget transfers, not one sync per transfer.
+    /// one shared flush per part (up to a quarter of the process's limit on open files, at most
+    /// 4,096 transfers), not one sync per transfer.
     ///
     /// # Errors
     /// The first I/O error met; the other transfers are still flushed.
