@@ -59,6 +59,13 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// The time `f` takes, as one column of a round.
+fn timed(f: impl FnOnce()) -> Vec<f64> {
+    let t = Instant::now();
+    f();
+    vec![secs(t.elapsed())]
+}
+
 /// The bare floor of a group commit over `files`: open, lock and overwrite 512 bytes of each,
 /// then one `syncfs`.
 fn rewrite_floor(top: &Path, files: &[PathBuf], round: u64) {
@@ -414,16 +421,8 @@ fn main() {
                 let (applied, whole) = waybill_relaunch(&store, &running_tasks(n, round));
                 vec![secs(whole), secs(applied)]
             };
-            let mut s = |round: u64| {
-                let t = Instant::now();
-                sqlite_relaunch(&db, "done", round);
-                vec![secs(t.elapsed())]
-            };
-            let mut f = |round: u64| {
-                let t = Instant::now();
-                rewrite_floor(&root.join("floor"), &files, round);
-                vec![secs(t.elapsed())]
-            };
+            let mut s = |round: u64| timed(|| sqlite_relaunch(&db, "done", round));
+            let mut f = |round: u64| timed(|| rewrite_floor(&root.join("floor"), &files, round));
             alternate(runs, &mut r, &mut [&mut w, &mut s, &mut f]);
             report(
                 &format!("relaunch, N = {n}: open + reconcile + apply + flush (counters moved)"),
@@ -435,21 +434,9 @@ fn main() {
         // Every task lost.
         if on("lost") {
             let mut r = Rounds::new(&names);
-            let mut w = |round: u64| {
-                let t = Instant::now();
-                waybill_lost_all(&store, round);
-                vec![secs(t.elapsed())]
-            };
-            let mut s = |round: u64| {
-                let t = Instant::now();
-                sqlite_relaunch(&db, "task", round);
-                vec![secs(t.elapsed())]
-            };
-            let mut f = |round: u64| {
-                let t = Instant::now();
-                rewrite_floor(&root.join("floor"), &files, round);
-                vec![secs(t.elapsed())]
-            };
+            let mut w = |round: u64| timed(|| waybill_lost_all(&store, round));
+            let mut s = |round: u64| timed(|| sqlite_relaunch(&db, "task", round));
+            let mut f = |round: u64| timed(|| rewrite_floor(&root.join("floor"), &files, round));
             alternate(runs, &mut r, &mut [&mut w, &mut s, &mut f]);
             report(
                 &format!("lost all, N = {n}: reconcile with no tasks, then a batch binds each"),
@@ -461,21 +448,9 @@ fn main() {
         // A queue: create N, bind each.
         if on("queue") {
             let mut r = Rounds::new(&names);
-            let mut w = |round: u64| {
-                let t = Instant::now();
-                waybill_queue(&store, n, round);
-                vec![secs(t.elapsed())]
-            };
-            let mut s = |round: u64| {
-                let t = Instant::now();
-                sqlite_queue(&db, n, round);
-                vec![secs(t.elapsed())]
-            };
-            let mut f = |round: u64| {
-                let t = Instant::now();
-                queue_floor(&root.join("queue-floor"), n, round);
-                vec![secs(t.elapsed())]
-            };
+            let mut w = |round: u64| timed(|| waybill_queue(&store, n, round));
+            let mut s = |round: u64| timed(|| sqlite_queue(&db, n, round));
+            let mut f = |round: u64| timed(|| queue_floor(&root.join("queue-floor"), n, round));
             alternate(runs, &mut r, &mut [&mut w, &mut s, &mut f]);
             report(
                 &format!("queue, N = {n}: create_batch, then a batch binds each"),

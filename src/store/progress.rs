@@ -163,16 +163,7 @@ impl Store {
                         self.manifest(id)?;
                         g = lock(&self.core.pending);
                     }
-                    let p = g.entry(id).or_insert(PendingProgress {
-                        done,
-                        total,
-                        dirty: true,
-                        last_flush: Instant::now(),
-                    });
-                    p.done = done;
-                    p.total = total;
-                    p.dirty = true;
-                    self.core.claim_if_due(p)
+                    self.core.claim_if_due(report(&mut g, id, done, total))
                 };
                 if due {
                     self.core.flush_one(id)?;
@@ -211,21 +202,30 @@ impl Store {
     /// Keeps `done`/`total` as coalesced progress of `id` (no write now): written by the next
     /// update of `id`, the background flusher, [`Store::flush`] or drop.
     pub(super) fn coalesce(&self, id: TransferId, done: u64, total: Option<u64>) {
-        {
-            let mut g = lock(&self.core.pending);
-            let p = g.entry(id).or_insert(PendingProgress {
-                done,
-                total,
-                dirty: true,
-                last_flush: Instant::now(),
-            });
-            p.done = done;
-            p.total = total;
-            p.dirty = true;
-        }
+        report(&mut lock(&self.core.pending), id, done, total);
         if self.cfg.background_flush {
             self.flusher
                 .get_or_init(|| Flusher::start(Arc::clone(&self.core)));
         }
     }
+}
+
+/// Records `done`/`total` as `id`'s pending (dirty) progress; a new entry counts as just
+/// written, so it is due one interval from now.
+fn report(
+    pending: &mut std::collections::HashMap<TransferId, PendingProgress>,
+    id: TransferId,
+    done: u64,
+    total: Option<u64>,
+) -> &mut PendingProgress {
+    let p = pending.entry(id).or_insert(PendingProgress {
+        done,
+        total,
+        dirty: true,
+        last_flush: Instant::now(),
+    });
+    p.done = done;
+    p.total = total;
+    p.dirty = true;
+    p
 }

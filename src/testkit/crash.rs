@@ -207,6 +207,20 @@ impl Rec {
         }
     }
 
+    /// A failure counted on an active record: permanent, or the fifth, ends it.
+    fn fail(&mut self, permanent: bool) {
+        if permanent {
+            self.phase = Phase::Failed;
+        } else {
+            self.failures += 1;
+            self.phase = if self.failures >= 5 {
+                Phase::Failed
+            } else {
+                Phase::WaitingToRetry
+            };
+        }
+    }
+
     /// The part of a view the model predicts.
     fn matches(&self, v: &View) -> bool {
         let s = &v.state;
@@ -516,16 +530,7 @@ fn exec(
             s.fail(id, class, "reset").map_err(|x| e("fail", x))?;
             let r = model.recs.get_mut(&id).ok_or("model")?;
             r.merge();
-            if *permanent {
-                r.phase = Phase::Failed;
-            } else {
-                r.failures += 1;
-                r.phase = if r.failures >= 5 {
-                    Phase::Failed
-                } else {
-                    Phase::WaitingToRetry
-                };
-            }
+            r.fail(*permanent);
         }
         Step::Cancel(i) => {
             let id = id_at(model, *i)?;
@@ -732,16 +737,7 @@ fn exec(
                     },
                     (GroupOp::Fail(permanent), Ok(_)) => {
                         if !ended {
-                            if *permanent {
-                                r.phase = Phase::Failed;
-                            } else {
-                                r.failures += 1;
-                                r.phase = if r.failures >= 5 {
-                                    Phase::Failed
-                                } else {
-                                    Phase::WaitingToRetry
-                                };
-                            }
+                            r.fail(*permanent);
                         }
                     }
                     (GroupOp::Cancel, Ok(_)) => {

@@ -60,25 +60,22 @@ struct Faulty {
 
 impl Faulty {
     fn new(fail_at: u64, fault: Fault) -> Arc<Self> {
-        Arc::new(Faulty {
-            armed: AtomicBool::new(false),
-            calls: AtomicU64::new(0),
-            fail_at,
-            fault,
-            hit: Mutex::new(None),
-            apple: false,
-        })
+        Faulty::flushing(fail_at, fault, false)
     }
 
     /// [`Faulty::new`], flushing groups as Apple platforms do.
     fn apple(fail_at: u64, fault: Fault) -> Arc<Self> {
+        Faulty::flushing(fail_at, fault, true)
+    }
+
+    fn flushing(fail_at: u64, fault: Fault, apple: bool) -> Arc<Self> {
         Arc::new(Faulty {
             armed: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             fail_at,
             fault,
             hit: Mutex::new(None),
-            apple: true,
+            apple,
         })
     }
 
