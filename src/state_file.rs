@@ -178,10 +178,19 @@ impl StateFiles {
         };
         if let Some(o) = kept {
             let path = dir.join(STATE);
-            if let Err(e) = fs.lock(&o.file, &path, wait) {
-                // Not taken: kept open for the next try (it holds no lock).
-                guard(&self.kept).push_back(o);
-                return Err(e);
+            match fs.lock(&o.file, &path, wait) {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::Busy { .. }) => {
+                    // Held elsewhere: kept open for the next try (it holds no lock).
+                    let mut g = guard(&self.kept);
+                    g.push_back(o);
+                    while g.len() > KEPT_OPEN {
+                        g.pop_front();
+                    }
+                    return Err(e);
+                }
+                // Any other failure: this handle is dropped and the file opened afresh.
+                Err(_) => return self.lock_waiting(fs, dir, checked, wait),
             }
             if let Ok(m) = fs.lstat(dir)
                 && same_dir(&m, &o.dir)
@@ -210,7 +219,7 @@ impl StateFiles {
             file: l.file,
             dir: l.dir_meta,
         });
-        if g.len() > KEPT_OPEN {
+        while g.len() > KEPT_OPEN {
             g.pop_front();
         }
     }

@@ -509,7 +509,8 @@ impl Fs {
         }
     }
 
-    fn poison(&self, err: &Error) {
+    /// Poisons the store with `err` (a sync failed, or a flush could not be completed).
+    pub(crate) fn poison(&self, err: &Error) {
         let mut g = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
         if g.is_none() {
             tracing::error!(error = %err, "sync failed; the store is poisoned until reopened");

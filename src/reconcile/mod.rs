@@ -320,7 +320,9 @@ pub enum Action {
         /// Whether the binding changes (another task, tag or phase than the record has):
         /// [`Store::apply`](crate::Store::apply) writes it durably. When false the record is
         /// already bound to this task and only the counters are news: `apply` keeps them as
-        /// coalesced progress and flushes nothing.
+        /// coalesced progress and flushes nothing (no compare-and-set: should another process
+        /// bind another task before `apply`, these counters may land on that binding until
+        /// its own task next reports; an ended record never takes them).
         rebind: bool,
     },
     /// Cancel a task that no record keeps.

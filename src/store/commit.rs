@@ -107,8 +107,9 @@ impl Core {
     /// Transfers are locked in id order, `part_len` at a time; each part is made durable by
     /// one shared flush ([`crate::fs::Fs::sync_group`]) before its locks are released. A change
     /// whose closure fails leaves its transfer as the changes before it left it; a failed
-    /// write fails that transfer's changes; a failed flush fails (and poisons) every change of
-    /// its part and of the parts after it.
+    /// write fails that transfer's changes; a failed flush fails every change of its part that
+    /// wrote (a change that wrote nothing keeps its answer) and poisons the store, so every
+    /// part after it fails too.
     pub(crate) fn commit<'a, A: Send>(
         &self,
         changes: Vec<Change<'a, A>>,
@@ -238,10 +239,13 @@ impl Core {
                 if how == crate::fs::GroupSync::FileSystem {
                     return Ok(());
                 }
+                // Any failure here (opening the directory too) poisons: the slots are
+                // written, and visible once the locks are released.
                 written
                     .iter()
                     .filter(|w| w.locked.created)
                     .try_for_each(|w| self.fs.sync_dir(&w.locked.dir))
+                    .inspect_err(|e| self.fs.poison(e))
             })
         };
         drop(files);

@@ -106,6 +106,13 @@ impl Core {
                 }
                 Err(e) => {
                     tracing::warn!(transfer = %id, error = %e, "coalesced progress not written");
+                    // Due again at once: the claim that took it must not delay it another
+                    // interval.
+                    if let Some(p) = lock(&self.pending).get_mut(id)
+                        && let Some(earlier) = Instant::now().checked_sub(self.flush_interval)
+                    {
+                        p.last_flush = earlier;
+                    }
                     first.get_or_insert(e);
                 }
                 Ok(()) => {}
